@@ -1,0 +1,249 @@
+"""Runner benchmark: dispatch latency, utilisation under a backlog, scaling with replicas.
+
+    .venv/bin/python benchmarks/runner.py [--latency-runs 40] [--util-backlog 8]
+        [--util-slots 4] [--util-seconds 10] [--scale 1,4,16,64] [--scale-seconds 5]
+        [--scale-waves 2]
+
+Starts its own nats-server (temporary store) and runs the real runner service (replicas are
+asyncio tasks of this one process, each with its own NATS connection and durable-consumer
+share) on a copy of the synthetic environment. Patches are real diffs that set SLEEP_SECONDS.
+
+- dispatch latency: PatchReady published → RunStarted received, one idle replica, one run at a
+  time (RunStarted is emitted after the workspace is materialised, before the process starts);
+- utilisation: a backlog of `util-backlog` runs of `util-seconds` on `util-slots` slots;
+  the fraction of slot time spent running environment code (sum of RunCompleted.wall_seconds
+  over slots × makespan, from the first RunStarted to the last RunCompleted);
+- scaling: R replicas × 1 slot each, R × waves runs of `scale-seconds`; throughput as a
+  fraction of ideal (R / scale-seconds runs per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from groundloop import events as ev
+from groundloop.applier import make_diff
+from groundloop.broker import NatsServer, free_port
+from groundloop.bus import Bus
+from groundloop.environment import Environment
+from groundloop.runner.service import run
+from groundloop.runner.slots import RunnerSettings
+from groundloop.settings import REPO_ROOT, Settings
+
+
+class Watch:
+    """Receipt times of RunStarted / RunCompleted per run id (a core subscription)."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.completed: dict[str, ev.RunCompleted] = {}
+        self.completed_at: dict[str, float] = {}
+        self.changed = asyncio.Event()
+
+    async def start(self, bus: Bus) -> None:
+        async def on_msg(msg) -> None:
+            now = time.perf_counter()
+            event = ev.decode(msg.data)
+            if isinstance(event, ev.RunStarted):
+                self.started.setdefault(event.run_id, now)
+            elif isinstance(event, ev.RunCompleted):
+                self.completed.setdefault(event.run_id, event)
+                self.completed_at.setdefault(event.run_id, now)
+            self.changed.set()
+
+        await bus.nc.subscribe(f"{bus.settings.subject_prefix}.*.RunStarted.>", cb=on_msg)
+        await bus.nc.subscribe(f"{bus.settings.subject_prefix}.*.RunCompleted.>", cb=on_msg)
+
+    async def until(self, predicate, timeout: float) -> None:
+        deadline = time.perf_counter() + timeout
+        while not predicate():
+            self.changed.clear()
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError("benchmark runs did not finish in time")
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except TimeoutError:
+                pass
+
+
+def patch(env: Environment, search_id: str, index: int, sleep: float) -> ev.PatchReady:
+    before = env.editable_sources()
+    config = re.sub(r"(?m)^SLEEP_SECONDS = .*$", f"SLEEP_SECONDS = {sleep}", before["config.py"])
+    return ev.PatchReady(
+        event_id=ev.stable_id(search_id, "bench", index),
+        search_id=search_id,
+        producer="bench",
+        patch_id=ev.stable_id(search_id, "patch", index),
+        idea_id=ev.stable_id(search_id, "idea", index),
+        generation=0,
+        environment=env.name,
+        environment_digest=env.digest(),
+        diff=make_diff(before, {**before, "config.py": config}),
+        diff_digest="0" * 64,
+        patched_digest="0" * 64,
+        files_changed=["config.py"],
+        implementer=ev.ImplementerInfo(kind="knobs"),
+        preflight=ev.PreflightReport(passed=True),
+        seed=index,
+    )
+
+
+async def replicas(
+    settings: Settings, count: int, slots: int
+) -> tuple[asyncio.Event, list[asyncio.Task]]:
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run(settings, RunnerSettings(slots=slots, runner_id=f"r{i}"), stop))
+        for i in range(count)
+    ]
+    await asyncio.sleep(1.0)  # connections and consumer binding; not part of any measurement
+    return stop, tasks
+
+
+async def stop_all(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:
+    stop.set()
+    await asyncio.gather(*tasks)
+
+
+def scoped(base: Settings, tag: str) -> Settings:
+    return base.model_copy(
+        update={
+            "stream": f"B_{tag}",
+            "dlq_stream": f"BD_{tag}",
+            "subject_prefix": f"b{tag.lower()}",
+            "artifacts_bucket": f"bart_{tag.lower()}",
+        }
+    )
+
+
+async def dispatch_latency(base: Settings, env: Environment, runs: int) -> None:
+    settings = scoped(base, "LAT")
+    bus = await Bus.connect(settings, "bench")
+    watch = Watch()
+    await watch.start(bus)
+    stop, tasks = await replicas(settings, 1, 1)
+    latencies = []
+    for i in range(runs):
+        event = patch(env, "lat", i, 0.0)
+        run_id = ev.stable_id(event.patch_id, event.seed)
+        sent = time.perf_counter()
+        await bus.publish(event)
+        await watch.until(lambda run_id=run_id: run_id in watch.completed, 60)
+        latencies.append(watch.started[run_id] - sent)
+    await stop_all(stop, tasks)
+    await bus.close()
+    ms = sorted(x * 1000 for x in latencies[1:])  # the first pays for loading the environment
+    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+    print(
+        f"dispatch latency PatchReady->RunStarted, idle runner, {len(ms)} runs: "
+        f"p50 {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms, max {ms[-1]:.1f} ms "
+        f"(target p50 <= 50 ms, p99 <= 250 ms)"
+    )
+
+
+async def utilisation(
+    base: Settings, env: Environment, backlog: int, slots: int, seconds: float
+) -> None:
+    settings = scoped(base, "UTIL")
+    bus = await Bus.connect(settings, "bench")
+    watch = Watch()
+    await watch.start(bus)
+    for i in range(backlog):
+        await bus.publish(patch(env, "util", i, seconds))
+    stop, tasks = await replicas(settings, 1, slots)
+    await watch.until(lambda: len(watch.completed) >= backlog, backlog / slots * seconds * 3 + 60)
+    await stop_all(stop, tasks)
+    await bus.close()
+    span = max(watch.completed_at.values()) - min(watch.started.values())
+    busy = sum(e.wall_seconds for e in watch.completed.values())
+    statuses = {e.status for e in watch.completed.values()}
+    ideal = -(-backlog // slots) * seconds
+    print(
+        f"utilisation, backlog {backlog} x {seconds:g}-s runs on {slots} slots: "
+        f"{busy / (slots * span):.1%} of slot time in environment code "
+        f"(makespan {span:.1f} s, ideal {ideal:.0f} s; statuses {sorted(statuses)}; target >= 97%)"
+    )
+
+
+async def scaling(
+    base: Settings, env: Environment, counts: list[int], seconds: float, waves: int
+) -> None:
+    print(
+        f"scaling: R replicas x 1 slot, asyncio tasks in this one process (each its own NATS "
+        f"connection), {waves} x R runs of {seconds:g} s each"
+    )
+    for count in counts:
+        settings = scoped(base, f"SCALE{count}")
+        bus = await Bus.connect(settings, "bench")
+        watch = Watch()
+        await watch.start(bus)
+        stop, tasks = await replicas(settings, count, 1)
+        total = count * waves
+        t0 = time.perf_counter()
+        for i in range(total):
+            await bus.publish(patch(env, f"scale{count}", i, seconds))
+        await watch.until(lambda w=watch, n=total: len(w.completed) >= n, waves * seconds * 6 + 120)
+        elapsed = max(watch.completed_at.values()) - t0
+        await stop_all(stop, tasks)
+        await bus.close()
+        throughput, ideal = total / elapsed, count / seconds
+        failed = sum(e.status != "succeeded" for e in watch.completed.values())
+        print(
+            f"  {count:3d} replicas: {throughput:6.2f} runs/s, ideal {ideal:6.2f} -> "
+            f"{throughput / ideal:6.1%} of ideal ({elapsed:.1f} s, {failed} not succeeded)"
+        )
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="groundloop-bench-") as tmp:
+        root = Path(tmp)
+        envs = root / "envs"
+        shutil.copytree(
+            REPO_ROOT / "environments" / "synthetic",
+            envs / "synthetic",
+            ignore=shutil.ignore_patterns("__pycache__", "out"),
+        )
+        env = Environment.load("synthetic", envs)
+        server = NatsServer(root / "nats", free_port()).start()
+        try:
+            base = Settings(
+                nats_url=server.url, data_dir=root / "data", environments_dir=envs, ack_wait_s=30.0
+            )
+            print(f"machine: {sys.platform}, python {sys.version.split()[0]}")
+            if args.latency_runs:
+                await dispatch_latency(base, env, args.latency_runs)
+            if args.util_backlog:
+                await utilisation(base, env, args.util_backlog, args.util_slots, args.util_seconds)
+            if args.scale:
+                await scaling(
+                    base,
+                    env,
+                    [int(x) for x in args.scale.split(",")],
+                    args.scale_seconds,
+                    args.scale_waves,
+                )
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--latency-runs", type=int, default=40)
+    parser.add_argument("--util-backlog", type=int, default=8)
+    parser.add_argument("--util-slots", type=int, default=4)
+    parser.add_argument("--util-seconds", type=float, default=10.0)
+    parser.add_argument("--scale", default="1,4,16,64")
+    parser.add_argument("--scale-seconds", type=float, default=5.0)
+    parser.add_argument("--scale-waves", type=int, default=2)
+    logging.basicConfig(level=logging.ERROR)
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,251 @@
+"""nanogpt protected evaluation: validation loss of the saved model, a causality probe, metrics.
+
+Runs as its own process after training (`python evaluate.py`, manifest `evaluate`):
+- reads out/model.pt (written by harness.save_checkpoint) and rebuilds the model with the
+  workspace's `train.build_model(model_config)`;
+- scores the fixed token stream of GROUNDLOOP_SPLIT (`val` for search, `test` for final
+  reports; data.eval_tokens) as rows of data.eval_seq_len() tokens, mean cross-entropy in fp32;
+- runs the causality probe on real batches: every token after a random cut of the batch's
+  token stream is replaced, and the logits at or before the cut must not move. That makes the
+  one-pass loss equal to what token-by-token decoding would give (the paper's guardrail), and
+  also catches leaks across rows of a batch (row i+1 continues row i in the stream). The cuts
+  come from the OS's random source, so a model cannot know which positions are probed;
+- writes GROUNDLOOP_METRICS_OUT: val_loss, causality_violation, train_seconds, tokens, steps,
+  and in final mode (split `test`) target_reached and, when reached, seconds_to_target.
+
+A leak exits with code 3 and writes only {"rejected": "future-token leak: ..."}: the run is
+rejected with that reason. `loss_sums` is also used by harness.py for the final mode's in-training checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+
+CHECKPOINT = Path("out/model.pt")
+EVAL_BATCH_SIZE = 16  # rows per forward pass (smoke: 8)
+PROBED_BATCHES = 2  # the first batch and one chosen at random
+# Same shapes and kernels give bit-identical prefixes; the slack only covers reduced precision.
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+TARGET_SLACK = 1e-3  # in-training loss vs re-measured loss (different rank splits, same data)
+LEAK_EXIT_CODE = 3
+
+
+class FutureTokenLeak(RuntimeError):
+    """The model's outputs at some position depend on tokens after it."""
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def eval_batch_size() -> int:
+    return 8 if data.smoke_mode() else EVAL_BATCH_SIZE
+
+
+def batch_count(tokens: torch.Tensor, seq_len: int, batch_size: int) -> int:
+    return (len(tokens) - 1) // (seq_len * batch_size)
+
+
+def batch(
+    tokens: torch.Tensor, index: int, seq_len: int, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of batch `index`: rows are consecutive pieces of the token stream."""
+    span = seq_len * batch_size
+    chunk = tokens[index * span : (index + 1) * span + 1].to(device)
+    return chunk[:-1].view(batch_size, seq_len), chunk[1:].view(batch_size, seq_len)
+
+
+def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits for x, checked: (B, T, V >= data vocabulary), finite."""
+    with autocast(x.device):
+        out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != x.shape:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(
+            f"model(idx) must return logits of shape (B, T, vocab); got {shape} for "
+            f"input {tuple(x.shape)} — keep that contract in train.py's forward"
+        )
+    if out.shape[-1] < data.vocab_size():
+        raise TypeError(
+            f"logits have {out.shape[-1]} entries, the data has {data.vocab_size()} token ids"
+        )
+    return out
+
+
+@torch.no_grad()
+def loss_sums(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[float, int]:
+    """Summed next-token cross-entropy (fp32) and token count over this rank's batches."""
+    total, count = 0.0, 0
+    for index in range(rank, batch_count(tokens, seq_len, batch_size), world):
+        x, y = batch(tokens, index, seq_len, batch_size, device)
+        logits = logits_of(model, x).float()
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+        ).item()
+        count += y.numel()
+    return total, count
+
+
+@torch.no_grad()
+def causality_violation(
+    model: torch.nn.Module, x: torch.Tensor, cut: int, rng: random.Random
+) -> float:
+    """How far the logits at stream positions <= cut move when every later token changes,
+    relative to the logits' scale. 0 for a causal model."""
+    original = logits_of(model, x).float().flatten(0, 1)
+    stream = x.flatten().clone()
+    later = len(stream) - cut - 1
+    if later <= 0:
+        return 0.0
+    replacement = torch.tensor(
+        [rng.randrange(data.vocab_size()) for _ in range(later)],
+        dtype=stream.dtype,
+        device=stream.device,
+    )
+    # Replace with different tokens everywhere (a random draw can coincide with the original).
+    same = replacement == stream[cut + 1 :]
+    replacement[same] = (replacement[same] + 1) % data.vocab_size()
+    stream[cut + 1 :] = replacement
+    perturbed = logits_of(model, stream.view_as(x)).float().flatten(0, 1)
+    moved = (original[: cut + 1] - perturbed[: cut + 1]).abs().max().item()
+    scale = 1.0 + original[: cut + 1].abs().max().item()
+    return moved / scale if math.isfinite(moved) else math.inf
+
+
+def probe(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    """Largest causality violation over the probed batches; raises FutureTokenLeak."""
+    rng = random.SystemRandom()  # unpredictable to the model under test
+    batches = batch_count(tokens, seq_len, batch_size)
+    chosen = sorted({0, rng.randrange(batches)})[:PROBED_BATCHES]
+    span = seq_len * batch_size
+    worst = 0.0
+    for index in chosen:
+        x, _ = batch(tokens, index, seq_len, batch_size, device)
+        # One cut inside the first row (in-row and cross-row future), one anywhere.
+        for cut in (rng.randrange(seq_len - 1), rng.randrange(span - 1)):
+            worst = max(worst, causality_violation(model, x, cut, rng))
+    tolerance = PROBE_TOLERANCE[compute_dtype(device)]
+    if not worst <= tolerance:
+        raise FutureTokenLeak(
+            f"future-token leak: logits at positions <= t changed by {worst:.3g} (relative; "
+            f"tolerance {tolerance:g}) when only tokens after t changed. The model must be "
+            "causal: no position may see a later token, in its row or in a later row"
+        )
+    return worst
+
+
+def load_model(device: torch.device) -> tuple[torch.nn.Module, dict]:
+    if not CHECKPOINT.is_file():
+        raise FileNotFoundError(
+            f"{CHECKPOINT} is missing: training must end with harness.save_checkpoint(...)"
+        )
+    checkpoint = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
+    # Editable code runs in this process from here on: a tripwire (not a sandbox; the hack
+    # floor is the backstop) for the cheap ways it could bend the evaluation.
+    watched = _evaluation_surface()
+    import train  # the workspace's model definition
+
+    model = train.build_model(dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    if _evaluation_surface() != watched:
+        raise RuntimeError(
+            "importing train.py or building the model changed the evaluation "
+            "(its functions, torch's loss or the GROUNDLOOP_/NANOGPT_ settings); "
+            "train.py may only define the model"
+        )
+    return model.to(device).eval(), checkpoint
+
+
+def _evaluation_surface() -> dict[str, object]:
+    main = sys.modules["__main__"].__dict__
+    surface: dict[str, object] = {f"main.{k}": v for k, v in main.items() if callable(v)}
+    surface.update({f"data.{k}": v for k, v in vars(data).items() if callable(v)})
+    surface.update(
+        {f"env.{k}": v for k, v in os.environ.items() if k.startswith(("GROUNDLOOP_", "NANOGPT_"))}
+    )
+    surface["cross_entropy"] = F.cross_entropy
+    surface["load_state_dict"] = torch.nn.Module.load_state_dict
+    return surface
+
+
+def main() -> int:
+    device_name = os.environ.get("GROUNDLOOP_DEVICE", "cpu")
+    device = torch.device("cuda:0" if device_name == "cuda" else "cpu")
+    split = os.environ.get("GROUNDLOOP_SPLIT", "val")
+    metrics_out = os.environ.get("GROUNDLOOP_METRICS_OUT")
+    if device.type == "cpu":
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.manual_seed(0)
+    model, checkpoint = load_model(device)
+    tokens = data.eval_tokens(split)
+    seq_len, batch_size = data.eval_seq_len(), eval_batch_size()
+    try:
+        violation = probe(model, tokens, seq_len, batch_size, device)
+    except FutureTokenLeak as leak:
+        print(f"REJECTED: {leak}", file=sys.stderr, flush=True)
+        if metrics_out:  # the runner marks the run rejected with this reason
+            Path(metrics_out).write_text(json.dumps({"rejected": str(leak)}))
+        return LEAK_EXIT_CODE
+    total, count = loss_sums(model, tokens, seq_len, batch_size, device)
+    val_loss = total / count
+    meta = dict(checkpoint.get("meta", {}))
+    metrics = {"val_loss": val_loss, "causality_violation": violation, "eval_tokens": count}
+    for name, key in (
+        ("train_seconds", "train_seconds"),
+        ("tokens", "tokens"),
+        ("steps", "step"),
+        ("world_size", "world_size"),
+    ):
+        if isinstance(meta.get(key), int | float):
+            metrics[name] = float(meta[key])
+    if split == "test":
+        target = float(meta.get("target_loss", math.nan))
+        reached_at = meta.get("seconds_to_target")
+        reached = (
+            reached_at is not None
+            and meta.get("split") == split
+            and val_loss <= target + TARGET_SLACK
+        )
+        metrics["target_loss"] = target
+        metrics["target_reached"] = 1.0 if reached else 0.0
+        if reached:
+            metrics["seconds_to_target"] = float(reached_at)
+    print(json.dumps(metrics), flush=True)
+    if metrics_out:
+        Path(metrics_out).write_text(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""groundloop evolver service."""

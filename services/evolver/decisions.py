@@ -1,0 +1,360 @@
+"""The evolver's decisions: a pure function of a search's state, its manifest and the clock.
+
+`decide(state, deps, cause)` returns what the evolver must emit now: baseline RunRequested
+events before generation 0, GenerationAdvanced when a generation closes (every idea terminal,
+or its deadline passed), final re-evaluation RunRequested events once a budget is spent or
+the generations are done, and SearchCompleted with mean ± 95 % CI and Welch p-values.
+`service.handle` folds an event and calls it; `service.tick` calls it for deadlines.
+
+Output ids are a function of the decision, not of what triggered it (`_decision_id`): the
+last RunCompleted of a generation, a deadline tick and a restarted evolver all reach "advance
+to g+1" or "re-run idea X on seed s" under the same event id, so JetStream's de-duplication
+(and, for GenerationAdvanced, the once-per-subject guard) keeps exactly one. Occurred-at
+times come from `deps.clock`; the causation is the triggering event (for a tick, the open
+generation's GenerationAdvanced).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from groundloop.events import (
+    Event,
+    FinalEvaluation,
+    GenerationAdvanced,
+    RunRequested,
+    SearchCompleted,
+    SearchStarted,
+    stable_id,
+)
+from groundloop.manifest import Metric
+
+from .algorithm import exploit_share, plan_generation
+from .state import SearchState
+from .stats import mean, mean_ci, welch_t_test
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "evolver"
+
+
+class EnvironmentInfo(Protocol):
+    """What the evolver needs from an environment's manifest (a `Manifest` is one)."""
+
+    resource_class: Any  # "cpu" | "gpu1" | "gpu8"
+    seeds: list[int]
+    metric: Metric
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass
+class Deps:
+    """The evolver's world: environment lookup, clock, and the in-memory states it decides on."""
+
+    environments: Callable[[str], EnvironmentInfo]
+    clock: Clock = field(default_factory=SystemClock)
+    states: dict[str, SearchState] = field(default_factory=dict)
+
+    def state(self, search_id: str) -> SearchState:
+        if search_id not in self.states:
+            self.states[search_id] = SearchState(search_id)
+        return self.states[search_id]
+
+
+def decide(state: SearchState, deps: Deps, cause: Event | None) -> list[Event]:
+    """Everything the evolver should emit now, given the state. A pure function of the
+    state, the environment's manifest and the clock (deadlines only)."""
+    if state.started is None or state.completed is not None:
+        return []
+    try:
+        env = deps.environments(state.started.environment)
+        exploit_share(state.started.config.exploit_schedule, 1)
+    except Exception as exc:  # a search this evolver can never run: end it, saying why
+        problem = f"{exc.__class__.__name__}: {exc}"
+        return [
+            _Decision(state, deps, cause, env=None).completed(f"cannot run this search: {problem}")
+        ]
+    ctx = _Decision(state, deps, cause, env)
+    if state.final_started:
+        return _final_phase(ctx)
+    if state.current_generation is None:
+        return _baseline_phase(ctx)
+    generation = state.current_generation
+    if state.generation_complete(generation) or _deadline_passed(ctx, generation):
+        return _advance(ctx, generation + 1)
+    return []
+
+
+@dataclass
+class _Decision:
+    """One decision's inputs, and how its output events are built."""
+
+    state: SearchState
+    deps: Deps
+    cause: Event | None
+    env: Any  # EnvironmentInfo; None only when ending a search whose environment failed to load
+
+    def __post_init__(self) -> None:
+        assert self.state.started is not None
+        self.started: SearchStarted = self.state.started
+        self.config = self.started.config
+        self.now = self.deps.clock.now()
+
+    def event(self, cls: type[Event], *decision: object, **fields: Any) -> Any:
+        """An output event whose id names the decision (see the module docstring); its
+        causation is the event that triggered it, or for a tick the open generation."""
+        generation = self.state.current_generation
+        opened = self.state.generations[generation].event_id if generation is not None else None
+        cause_id = (
+            self.cause.event_id if self.cause is not None else (opened or self.started.event_id)
+        )
+        return cls(
+            event_id=_decision_id(self.started, *decision),
+            search_id=self.state.search_id,
+            occurred_at=self.now,
+            causation_id=cause_id,
+            producer=PRODUCER,
+            **fields,
+        )
+
+    def run_request(
+        self, run_id: str, purpose: str, seed: int, generation: int, *, idea_id: str | None = None
+    ) -> RunRequested:
+        patch = self.state.ideas[idea_id].patch if idea_id is not None else None
+        return self.event(
+            RunRequested,
+            "run",
+            run_id,
+            run_id=run_id,
+            purpose=purpose,
+            idea_id=idea_id,
+            patch_id=patch.patch_id if patch else None,
+            generation=generation,
+            environment=self.started.environment,
+            environment_digest=self.started.environment_digest,
+            resource_class=patch.resource_class if patch else self.env.resource_class,
+            diff=patch.diff if patch else None,
+            diff_key=patch.diff_key if patch else None,
+            seed=seed,
+        )
+
+    def completed(self, reason: str, **fields: Any) -> SearchCompleted:
+        beta = self.state.beta()
+        fields.setdefault("baseline_score", beta[0] if beta else None)
+        return self.event(
+            SearchCompleted, "completed", reason=reason, totals=self.state.totals(), **fields
+        )
+
+
+def _decision_id(started: SearchStarted, *decision: object) -> str:
+    return stable_id(PRODUCER, started.event_id, *decision)
+
+
+def seeds_for(manifest_seeds: list[int], count: int) -> list[int]:
+    """The first `count` seeds of the manifest's list, extended with the smallest unused
+    non-negative integers when the list is shorter."""
+    seeds = list(dict.fromkeys(manifest_seeds))[:count]
+    candidate = 0
+    while len(seeds) < count:
+        if candidate not in seeds:
+            seeds.append(candidate)
+        candidate += 1
+    return seeds
+
+
+def baseline_run_id(search_id: str, seed: int) -> str:
+    return stable_id(search_id, "baseline", seed)
+
+
+def reeval_run_id(search_id: str, idea_id: str, seed: int) -> str:
+    return stable_id(search_id, "reeval", idea_id, seed)
+
+
+# ---------------------------------------------------------------------------- phases
+
+
+def _baseline_phase(ctx: _Decision) -> list[Event]:
+    """Measure the unpatched baseline on k seeds before generation 0 (β on this hardware)."""
+    seeds = seeds_for(ctx.env.seeds, ctx.config.baseline_seeds)
+    run_ids = {seed: baseline_run_id(ctx.state.search_id, seed) for seed in seeds}
+    missing = [seed for seed in seeds if run_ids[seed] not in ctx.state.runs]
+    if missing:
+        return [ctx.run_request(run_ids[seed], "baseline", seed, 0) for seed in missing]
+    runs = [ctx.state.runs[run_ids[seed]] for seed in seeds]
+    if not all(run.terminal for run in runs):
+        return []
+    if runs and not any(run.succeeded for run in runs):
+        statuses = ", ".join(f"seed {run.seed}: {run.status}" for run in runs)
+        return [
+            ctx.completed(
+                f"baseline failed on every seed ({statuses}); the environment "
+                "does not run as shipped, so no idea can be measured against it"
+            )
+        ]
+    return _advance(ctx, 0)
+
+
+def _deadline_passed(ctx: _Decision, generation: int) -> bool:
+    deadline_s = ctx.config.generation_deadline_s
+    opened = ctx.state.generations[generation].opened_at
+    return (
+        deadline_s is not None
+        and opened is not None
+        and ctx.now >= opened + timedelta(seconds=deadline_s)
+    )
+
+
+def _advance(ctx: _Decision, generation: int) -> list[Event]:
+    """Open `generation`, or, when a budget is spent or the generations are done, begin the
+    final re-evaluation."""
+    reason = ctx.state.stop_reason(next_generation=generation)
+    if reason is not None:
+        return _begin_final(ctx, reason)
+    state, config = ctx.state, ctx.config
+    remaining = state.remaining_runs()
+    size = (
+        config.ideas_per_generation
+        if remaining is None
+        else min(config.ideas_per_generation, remaining)
+    )
+    beta = state.beta()
+    plan = plan_generation(
+        generation=generation,
+        strategy=ctx.started.strategy,
+        config=config,
+        size=size,
+        past=state.past_ideas(generation),
+        beta=beta[1] if beta else None,
+        search_seed=ctx.started.seed,
+    )
+    previous = state.summary(generation - 1) if generation > 0 else None
+    log.info("search %s: opening generation %d (%s)", state.search_id, generation, plan)
+    return [
+        ctx.event(
+            GenerationAdvanced,
+            "generation",
+            generation,
+            generation=generation,
+            plan=plan,
+            previous=previous,
+            best_so_far=state.best_so_far(),
+        )
+    ]
+
+
+def _final_unpatched_purpose(metric: Metric) -> str:
+    """Re-evaluation runs use the final split when the manifest has one (the runner picks the
+    split by purpose), so the baseline they are compared with must run the same way."""
+    return "reeval" if metric.final_split and metric.final_split != metric.split else "baseline"
+
+
+def _final_baseline_run_id(ctx: _Decision, seed: int) -> str:
+    if _final_unpatched_purpose(ctx.env.metric) == "baseline":
+        return baseline_run_id(ctx.state.search_id, seed)
+    return stable_id(ctx.state.search_id, "reeval", "baseline", seed)
+
+
+def _begin_final(ctx: _Decision, reason: str) -> list[Event]:
+    """Choose the top-k ideas by search reward and request their re-evaluation runs."""
+    chosen = [
+        idea_id
+        for idea_id, _ in ctx.state.ranked_ideas()
+        if ctx.state.ideas[idea_id].patch is not None
+    ][: ctx.config.final_top_k]
+    if not chosen:
+        return [ctx.completed(f"{reason}; no idea produced a result to re-evaluate")]
+    log.info("search %s: %s; re-evaluating %d ideas", ctx.state.search_id, reason, len(chosen))
+    return _final_requests(ctx, chosen)
+
+
+def _final_requests(ctx: _Decision, ideas: list[str]) -> list[Event]:
+    """Every final run of `ideas` and of the baseline not yet requested (idempotent)."""
+    state, generation = ctx.state, ctx.state.current_generation or 0
+    seeds = seeds_for(ctx.env.seeds, ctx.config.final_seeds)
+    out: list[Event] = []
+    for idea_id in ideas:
+        for seed in seeds:
+            run_id = reeval_run_id(state.search_id, idea_id, seed)
+            if run_id not in state.runs:
+                out.append(ctx.run_request(run_id, "reeval", seed, generation, idea_id=idea_id))
+    purpose = _final_unpatched_purpose(ctx.env.metric)
+    for seed in seeds:
+        run_id = _final_baseline_run_id(ctx, seed)
+        if run_id not in state.runs:
+            out.append(ctx.run_request(run_id, purpose, seed, generation))
+    return out
+
+
+def _final_phase(ctx: _Decision) -> list[Event]:
+    """Wait for every re-evaluation run; then report and complete the search."""
+    state = ctx.state
+    ideas = list(
+        dict.fromkeys(
+            run.idea_id
+            for run in state.runs.values()
+            if run.purpose == "reeval" and run.idea_id is not None
+        )
+    )
+    missing = _final_requests(ctx, ideas)
+    if missing:
+        return missing
+    seeds = seeds_for(ctx.env.seeds, ctx.config.final_seeds)
+    final_runs = [state.runs[reeval_run_id(state.search_id, i, s)] for i in ideas for s in seeds]
+    baseline = [state.runs[_final_baseline_run_id(ctx, s)] for s in seeds]
+    if not all(run.terminal for run in final_runs + baseline):
+        return []
+    return [_search_completed(ctx, ideas, [run.score for run in baseline if run.succeeded])]
+
+
+def _search_completed(
+    ctx: _Decision, ideas: list[str], baseline_scores: list[float]
+) -> SearchCompleted:
+    state = ctx.state
+    final: list[FinalEvaluation] = []
+    for idea_id in ideas:
+        scores = state.idea_scores(idea_id, "reeval")
+        if not scores:
+            log.warning(
+                "search %s: idea %s failed every re-evaluation run", state.search_id, idea_id
+            )
+            continue
+        interval = mean_ci(scores)
+        p_value = (
+            welch_t_test(scores, baseline_scores).p_value
+            if len(scores) >= 2 and len(baseline_scores) >= 2
+            else None
+        )
+        final.append(
+            FinalEvaluation(
+                idea_id=idea_id,
+                scores=scores,
+                mean=interval.mean,
+                ci95_low=interval.low,
+                ci95_high=interval.high,
+                p_value_vs_baseline=p_value,
+            )
+        )
+    by_reward = sorted(
+        (e for e in final), key=lambda e: -(state.idea_reward(e.idea_id, "reeval") or 0.0)
+    )
+    best = by_reward[0] if by_reward else None
+    fallback = state.best_so_far() if best is None else None
+    return ctx.completed(
+        state.final_reason or "stopped",
+        best_idea_id=best.idea_id if best else (fallback.idea_id if fallback else None),
+        best_score=best.mean if best else (fallback.score if fallback else None),
+        baseline_score=mean(baseline_scores) if baseline_scores else None,
+        final=final,
+    )

@@ -1,0 +1,417 @@
+"""The evolver's state: a pure, deterministic fold over one search's events.
+
+Consumes (folds) SearchStarted, GenerationAdvanced, IdeaProposed, PatchReady, PatchFailed,
+RunRequested, RunStarted, RunCompleted and SearchCompleted; ignores every other type. Emits
+nothing: `service.decide` reads this state to decide what to emit.
+
+    state = SearchState.fold(events)      # rebuild by replay
+    state.apply(event)                    # one more event; False if it was already folded
+
+Re-applying an event is a no-op (event ids are remembered), and facts keyed by entity ids
+(a run completing twice, an idea proposed twice) are recorded once, first fact wins, so the
+same log always folds to the same state, whatever was redelivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from groundloop.events import (
+    Event,
+    GenerationAdvanced,
+    GenerationPlan,
+    GenerationSummary,
+    IdeaProposed,
+    PatchFailed,
+    PatchReady,
+    RunCompleted,
+    RunRequested,
+    RunStarted,
+    Scored,
+    SearchCompleted,
+    SearchStarted,
+    Totals,
+)
+
+from .algorithm import PastIdea
+from .stats import mean
+
+TERMINAL_RUN_STATUSES = frozenset({"succeeded", "failed", "timed_out", "killed", "rejected"})
+TERMINAL_IDEA_STATUSES = frozenset({"patch_failed", "done"})
+# An idea's status only moves forward; a late or redelivered event never moves it back.
+_IDEA_STATUS_RANK = {"proposed": 0, "patched": 1, "running": 2, "done": 3, "patch_failed": 3}
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    purpose: str  # search | baseline | reeval
+    idea_id: str | None
+    seed: int
+    generation: int
+    patch_id: str | None = None
+    status: str = "requested"  # requested | running | one of TERMINAL_RUN_STATUSES
+    score: float | None = None
+    reward: float = 0.0
+    gpu_seconds: float = 0.0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_RUN_STATUSES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded" and self.score is not None
+
+
+@dataclass
+class PatchRef:
+    """What a re-evaluation run needs to rebuild an idea's workspace."""
+
+    patch_id: str
+    diff: str | None
+    diff_key: str | None
+    resource_class: str
+
+
+@dataclass
+class IdeaRecord:
+    idea_id: str
+    generation: int
+    order: int  # position of first appearance in the log: the stable tie-breaker
+    mode: str = "fresh"
+    title: str = ""
+    parent_ids: list[str] = field(default_factory=list)
+    status: str = "proposed"
+    patch: PatchRef | None = None
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_IDEA_STATUSES
+
+
+@dataclass
+class GenerationRecord:
+    generation: int
+    event_id: str | None = None
+    opened_at: datetime | None = None
+    plan: GenerationPlan | None = None
+    idea_ids: list[str] = field(default_factory=list)
+    baseline_run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def planned(self) -> int:
+        plan = self.plan or GenerationPlan()
+        return plan.fresh + plan.explore + plan.exploit
+
+
+@dataclass
+class SearchState:
+    search_id: str
+    started: SearchStarted | None = None
+    ideas: dict[str, IdeaRecord] = field(default_factory=dict)
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    generations: dict[int, GenerationRecord] = field(default_factory=dict)
+    patch_ids: set[str] = field(default_factory=set)
+    cost_usd: float = 0.0
+    final_reason: str | None = None  # why the search stopped, fixed when re-evaluation begins
+    completed: SearchCompleted | None = None
+    applied: set[str] = field(default_factory=set)
+
+    # ------------------------------------------------------------------ folding
+
+    @classmethod
+    def fold(cls, events: Iterable[Event], search_id: str | None = None) -> SearchState:
+        state: SearchState | None = None
+        for event in events:
+            if search_id is not None and event.search_id != search_id:
+                continue
+            if state is None:
+                state = cls(event.search_id)
+            state.apply(event)
+        if state is None:
+            if search_id is None:
+                raise ValueError("cannot fold an empty event list without a search_id")
+            state = cls(search_id)
+        return state
+
+    def apply(self, event: Event) -> bool:
+        """Fold one event; returns False (and changes nothing) if it was folded before or
+        belongs to another search."""
+        if event.event_id in self.applied or event.search_id != self.search_id:
+            return False
+        self.applied.add(event.event_id)
+        apply = _APPLIERS.get(type(event))
+        if apply is not None:
+            apply(self, event)
+        return True
+
+    def _on_search_started(self, event: SearchStarted) -> None:
+        if self.started is None:
+            self.started = event
+
+    def _on_generation_advanced(self, event: GenerationAdvanced) -> None:
+        record = self._generation(event.generation)
+        if record.event_id is None:  # exactly one per generation in the log; first wins anyway
+            record.event_id, record.opened_at, record.plan = (
+                event.event_id,
+                event.occurred_at,
+                event.plan,
+            )
+
+    def _on_idea_proposed(self, event: IdeaProposed) -> None:
+        self.cost_usd += event.usage.cost_usd
+        if event.idea_id in self.ideas and self.ideas[event.idea_id].title:
+            return  # a second proposal of the same idea id adds nothing
+        idea = self._idea(event.idea_id, event.generation)
+        idea.mode, idea.title, idea.parent_ids = event.mode, event.title, list(event.parent_ids)
+
+    def _on_patch_ready(self, event: PatchReady) -> None:
+        self.cost_usd += event.usage.cost_usd
+        self.patch_ids.add(event.patch_id)
+        idea = self._idea(event.idea_id, event.generation)
+        if idea.patch is None and idea.status != "patch_failed":
+            idea.patch = PatchRef(event.patch_id, event.diff, event.diff_key, event.resource_class)
+            _advance(idea, "patched")
+
+    def _on_patch_failed(self, event: PatchFailed) -> None:
+        self.cost_usd += event.usage.cost_usd
+        idea = self._idea(event.idea_id, event.generation)
+        if idea.status == "proposed":
+            idea.status = "patch_failed"
+
+    def _on_run_requested(self, event: RunRequested) -> None:
+        if event.run_id not in self.runs:
+            self.runs[event.run_id] = RunRecord(
+                event.run_id,
+                event.purpose,
+                event.idea_id,
+                event.seed,
+                event.generation,
+                event.patch_id,
+            )
+        if event.purpose == "reeval" and self.final_reason is None:
+            self.final_reason = self.stop_reason() or "stopped"
+
+    def _on_run_started(self, event: RunStarted) -> None:
+        run = self.runs.get(event.run_id)
+        if run is None:  # a search run (its id is the runner's) or one requested before our log
+            generation = self.ideas[event.idea_id].generation if event.idea_id in self.ideas else 0
+            run = self.runs[event.run_id] = RunRecord(
+                event.run_id, "search", event.idea_id, event.seed, generation, event.patch_id
+            )
+        if not run.terminal:
+            run.status = "running"
+        if run.purpose == "search" and run.idea_id in self.ideas:
+            _advance(self.ideas[run.idea_id], "running")
+
+    def _on_run_completed(self, event: RunCompleted) -> None:
+        run = self.runs.get(event.run_id)
+        if run is not None and run.terminal:
+            return  # a second report of a finished run (e.g. a loss recorded after a late success)
+        if run is None:
+            run = self.runs[event.run_id] = RunRecord(
+                event.run_id,
+                event.purpose,
+                event.idea_id,
+                event.seed,
+                event.generation,
+                event.patch_id,
+            )
+        run.purpose, run.idea_id = event.purpose, event.idea_id if event.idea_id else run.idea_id
+        run.status, run.score, run.reward = event.status, event.score, event.reward
+        run.gpu_seconds = event.gpu_seconds
+        if run.idea_id is not None:
+            idea = self._idea(run.idea_id, event.generation)
+            if run.run_id not in idea.run_ids:
+                idea.run_ids.append(run.run_id)
+            if run.purpose == "search":
+                _advance(idea, "done")
+        elif run.purpose == "baseline":
+            self._generation(event.generation).baseline_run_ids.append(run.run_id)
+
+    def _on_search_completed(self, event: SearchCompleted) -> None:
+        if self.completed is None:
+            self.completed = event
+
+    def _idea(self, idea_id: str, generation: int) -> IdeaRecord:
+        """The idea, created on first sight; the log is ordered, but a fold must not crash on
+        a PatchReady whose IdeaProposed it never saw (e.g. a fork that copied only part)."""
+        if idea_id not in self.ideas:
+            self.ideas[idea_id] = IdeaRecord(idea_id, generation, order=len(self.ideas))
+            self._generation(generation).idea_ids.append(idea_id)
+        return self.ideas[idea_id]
+
+    def _generation(self, generation: int) -> GenerationRecord:
+        return self.generations.setdefault(generation, GenerationRecord(generation))
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def current_generation(self) -> int | None:
+        """The latest generation a GenerationAdvanced opened; None before generation 0."""
+        opened = [g for g, record in self.generations.items() if record.event_id is not None]
+        return max(opened) if opened else None
+
+    @property
+    def advanced_generations(self) -> list[int]:
+        return sorted(g for g, record in self.generations.items() if record.event_id is not None)
+
+    @property
+    def final_started(self) -> bool:
+        return self.final_reason is not None
+
+    def idea_runs(self, idea_id: str, purpose: str = "search") -> list[RunRecord]:
+        return [
+            self.runs[r] for r in self.ideas[idea_id].run_ids if self.runs[r].purpose == purpose
+        ]
+
+    def idea_scores(self, idea_id: str, purpose: str = "search") -> list[float]:
+        """Metric values of the idea's succeeded runs of `purpose` (search or reeval)."""
+        return [run.score for run in self.idea_runs(idea_id, purpose) if run.succeeded]  # type: ignore[misc]
+
+    def idea_rewards(self, idea_id: str, purpose: str = "search") -> list[float]:
+        return [run.reward for run in self.idea_runs(idea_id, purpose) if run.succeeded]
+
+    def idea_reward(self, idea_id: str, purpose: str = "search") -> float | None:
+        rewards = self.idea_rewards(idea_id, purpose)
+        return mean(rewards) if rewards else None
+
+    def baseline_runs(self, purpose: str = "baseline") -> list[RunRecord]:
+        """Completed unpatched runs of `purpose` ("baseline", or "reeval" for a final split)."""
+        return [
+            run
+            for run in self.runs.values()
+            if run.idea_id is None and run.purpose == purpose and run.terminal
+        ]
+
+    def beta(self) -> tuple[float, float] | None:
+        """(β score, β reward): means over the succeeded baseline runs; None before any."""
+        runs = [run for run in self.baseline_runs() if run.succeeded]
+        if not runs:
+            return None
+        return mean([run.score for run in runs]), mean([run.reward for run in runs])  # type: ignore[misc]
+
+    def generation_complete(self, generation: int) -> bool:
+        """Every planned idea of the generation proposed and terminal (PatchFailed or run done)."""
+        record = self.generations.get(generation)
+        if record is None or record.event_id is None:
+            return False
+        ideas = [self.ideas[i] for i in record.idea_ids]
+        return len(ideas) >= record.planned and all(idea.terminal for idea in ideas)
+
+    def past_ideas(self, before_generation: int) -> list[PastIdea]:
+        """Every proposed idea of earlier generations, in proposal order (baseline excluded)."""
+        ideas = sorted(
+            (
+                i
+                for i in self.ideas.values()
+                if i.generation < before_generation and i.mode != "baseline"
+            ),
+            key=lambda i: i.order,
+        )
+        return [
+            PastIdea(i.idea_id, i.generation, self.idea_reward(i.idea_id), i.status) for i in ideas
+        ]
+
+    def ranked_ideas(self, purpose: str = "search") -> list[tuple[str, float]]:
+        """(idea id, mean reward) of ideas with a result, best first; ties by proposal order."""
+        scored = [(idea, self.idea_reward(idea.idea_id, purpose)) for idea in self.ideas.values()]
+        ranked = sorted(
+            ((i, r) for i, r in scored if r is not None), key=lambda p: (-p[1], p[0].order)
+        )
+        return [(idea.idea_id, reward) for idea, reward in ranked]
+
+    def best_so_far(self) -> Scored | None:
+        ranked = self.ranked_ideas()
+        if not ranked:
+            return None
+        best = ranked[0][0]
+        return Scored(idea_id=best, score=mean(self.idea_scores(best)))
+
+    def summary(self, generation: int) -> GenerationSummary:
+        record = self.generations.get(generation, GenerationRecord(generation))
+        ideas = [self.ideas[i] for i in record.idea_ids]
+        succeeded = [i for i in ideas if self.idea_scores(i.idea_id)]
+        best = max(succeeded, key=lambda i: (self.idea_reward(i.idea_id), -i.order), default=None)
+        return GenerationSummary(
+            generation=generation,
+            ideas=len(ideas),
+            patched=sum(1 for i in ideas if i.patch is not None),
+            succeeded=len(succeeded),
+            best_score=mean(self.idea_scores(best.idea_id)) if best else None,
+            mean_score=mean([mean(self.idea_scores(i.idea_id)) for i in succeeded])
+            if succeeded
+            else None,
+        )
+
+    def totals(self) -> Totals:
+        finished = [run for run in self.runs.values() if run.terminal]
+        return Totals(
+            ideas=sum(1 for i in self.ideas.values() if i.mode != "baseline"),
+            patches=len(self.patch_ids),
+            runs=len(finished),
+            gpu_seconds=sum(run.gpu_seconds for run in finished),
+            cost_usd=self.cost_usd,
+        )
+
+    # ------------------------------------------------------------------ budgets
+
+    def runs_committed(self) -> int:
+        """Search-phase runs done or on their way (baseline + search; the final re-evaluation
+        is a fixed protocol on top and is not charged): the run budget's meter."""
+        done = sum(1 for run in self.runs.values() if run.terminal and run.purpose != "reeval")
+        pending_baseline = sum(
+            1 for run in self.runs.values() if not run.terminal and run.purpose == "baseline"
+        )
+        pending_ideas = sum(
+            1 for idea in self.ideas.values() if idea.status in ("patched", "running")
+        )
+        return done + pending_baseline + pending_ideas
+
+    def remaining_runs(self) -> int | None:
+        limit = self.started.config.budgets.max_runs if self.started else None
+        return None if limit is None else limit - self.runs_committed()
+
+    def stop_reason(self, next_generation: int | None = None) -> str | None:
+        """Why no further generation may open (a budget spent, or all generations done)."""
+        if self.started is None:
+            return None
+        config, budgets = self.started.config, self.started.config.budgets
+        following = (
+            next_generation if next_generation is not None else (self.current_generation or 0) + 1
+        )
+        remaining = self.remaining_runs()
+        if remaining is not None and remaining <= 0:
+            return f"budget spent: runs ({self.runs_committed()} of {budgets.max_runs})"
+        gpu_seconds = self.totals().gpu_seconds
+        if budgets.gpu_hours is not None and gpu_seconds >= budgets.gpu_hours * 3600:
+            return f"budget spent: GPU-hours ({gpu_seconds / 3600:.3g} of {budgets.gpu_hours:g})"
+        if budgets.dollars is not None and self.cost_usd >= budgets.dollars:
+            return f"budget spent: dollars ({self.cost_usd:.2f} of {budgets.dollars:.2f})"
+        if budgets.max_generations is not None and following >= budgets.max_generations:
+            return f"budget spent: generations ({budgets.max_generations})"
+        if following >= config.generations:
+            return f"completed {config.generations} generations"
+        return None
+
+
+def _advance(idea: IdeaRecord, status: str) -> None:
+    if _IDEA_STATUS_RANK[status] > _IDEA_STATUS_RANK[idea.status]:
+        idea.status = status
+
+
+_APPLIERS = {
+    SearchStarted: SearchState._on_search_started,
+    GenerationAdvanced: SearchState._on_generation_advanced,
+    IdeaProposed: SearchState._on_idea_proposed,
+    PatchReady: SearchState._on_patch_ready,
+    PatchFailed: SearchState._on_patch_failed,
+    RunRequested: SearchState._on_run_requested,
+    RunStarted: SearchState._on_run_started,
+    RunCompleted: SearchState._on_run_completed,
+    SearchCompleted: SearchState._on_search_completed,
+}

@@ -1,0 +1,148 @@
+"""A search's history as the ideator needs it: settings, every idea, and how each one did.
+
+A fold over the search's events (SearchStarted, IdeaProposed, PatchReady, PatchFailed,
+RunCompleted), built from `bus.events(search_id)` by the service and passed to `handle`, so
+tests build one from plain events. Ideas are ranked by mean reward (higher is better whatever
+the metric's direction); prompts show the measured score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from statistics import fmean
+
+from groundloop.events import (
+    Event,
+    IdeaProposed,
+    PatchFailed,
+    PatchReady,
+    RunCompleted,
+    SearchStarted,
+)
+
+
+@dataclass
+class IdeaRecord:
+    idea_id: str
+    generation: int
+    mode: str
+    title: str
+    text: str
+    knobs: dict[str, float | int | str] | None
+    parent_ids: list[str]
+    proposer_kind: str
+    patch_error: str | None = None
+    scores: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # run statuses other than succeeded
+
+    @property
+    def mean_reward(self) -> float | None:
+        return fmean(self.rewards) if self.rewards else None
+
+    @property
+    def mean_score(self) -> float | None:
+        return fmean(self.scores) if self.scores else None
+
+    @property
+    def outcome(self) -> str:
+        """One phrase for prompts: the score, or how it failed."""
+        if self.scores:
+            return f"score {self.mean_score:.6g}"
+        if self.patch_error is not None:
+            return "could not be implemented"
+        if self.failures:
+            return f"run {self.failures[-1]}"
+        return "not measured yet"
+
+
+@dataclass
+class SearchHistory:
+    search_id: str
+    started: SearchStarted | None = None
+    ideas: dict[str, IdeaRecord] = field(default_factory=dict)  # in proposal order
+    baseline_scores: list[float] = field(default_factory=list)
+    baseline_rewards: list[float] = field(default_factory=list)
+    _patch_to_idea: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_events(cls, search_id: str, events: Iterable[Event]) -> SearchHistory:
+        history = cls(search_id)
+        for event in events:
+            history.apply(event)
+        return history
+
+    def apply(self, event: Event) -> None:
+        if event.search_id != self.search_id:
+            return
+        if isinstance(event, SearchStarted):
+            self.started = event
+        elif isinstance(event, IdeaProposed):
+            self.ideas.setdefault(
+                event.idea_id,
+                IdeaRecord(
+                    idea_id=event.idea_id,
+                    generation=event.generation,
+                    mode=event.mode,
+                    title=event.title,
+                    text=event.text,
+                    knobs=event.knobs,
+                    parent_ids=list(event.parent_ids),
+                    proposer_kind=event.proposer.kind,
+                ),
+            )
+        elif isinstance(event, PatchReady):
+            self._patch_to_idea[event.patch_id] = event.idea_id
+        elif isinstance(event, PatchFailed):
+            if event.idea_id in self.ideas:
+                self.ideas[event.idea_id].patch_error = event.last_error
+        elif isinstance(event, RunCompleted):
+            self._apply_run(event)
+
+    def _apply_run(self, run: RunCompleted) -> None:
+        idea_id = run.idea_id or (self._patch_to_idea.get(run.patch_id) if run.patch_id else None)
+        record = self.ideas.get(idea_id) if idea_id else None
+        baseline = run.purpose == "baseline" or (record is not None and record.mode == "baseline")
+        if run.purpose == "reeval":
+            return  # final re-evaluations come after the search; they are not search context
+        if baseline:
+            if run.status == "succeeded" and run.score is not None:
+                self.baseline_scores.append(run.score)
+                self.baseline_rewards.append(run.reward)
+            return
+        if record is None:
+            return
+        if run.status == "succeeded" and run.score is not None:
+            record.scores.append(run.score)
+            record.rewards.append(run.reward)
+        else:
+            record.failures.append(run.status)
+
+    # ------------------------------------------------------------------------- queries
+
+    @property
+    def baseline_reward(self) -> float | None:
+        return fmean(self.baseline_rewards) if self.baseline_rewards else None
+
+    @property
+    def baseline_score(self) -> float | None:
+        return fmean(self.baseline_scores) if self.baseline_scores else None
+
+    def proposed(self) -> list[IdeaRecord]:
+        """Ideas that came from a proposer (the unpatched baseline is not an idea)."""
+        return [r for r in self.ideas.values() if r.mode != "baseline"]
+
+    def records(self, ids: Iterable[str]) -> list[IdeaRecord]:
+        return [self.ideas[i] for i in ids if i in self.ideas]
+
+    def ranked(self, ids: Iterable[str] | None = None) -> list[IdeaRecord]:
+        """Measured ideas among `ids` (default: all), best mean reward first."""
+        pool = self.records(ids) if ids is not None else self.proposed()
+        scored = [r for r in pool if r.mean_reward is not None]
+        return sorted(scored, key=lambda r: (-r.mean_reward, r.idea_id))  # type: ignore[operator]
+
+    def above_baseline(self, ids: Iterable[str] | None = None) -> list[IdeaRecord]:
+        base = self.baseline_reward
+        ranked = self.ranked(ids)
+        return ranked if base is None else [r for r in ranked if r.mean_reward > base]  # type: ignore[operator]

@@ -1,0 +1,1 @@
+"""groundloop rl-trainer service."""

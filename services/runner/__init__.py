@@ -1,0 +1,1 @@
+"""groundloop runner service."""

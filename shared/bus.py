@@ -1,0 +1,298 @@
+"""The bus: groundloop's connection to NATS JetStream, where the event log lives.
+
+One stream holds every event of every search (file storage, no age limit: it is the log).
+Subjects are `<prefix>.<search_id>.<EventType>.<key>` (see `Event.subject`), so
+`<prefix>.<search>.>` replays one search and `<prefix>.*.PatchReady.gpu1` binds runners to one
+resource class. Every publish carries `Nats-Msg-Id` = event_id, so a retried or re-derived
+event is stored once within the duplicate window (Settings.duplicate_window_s; README
+"Duplicates" says why two hours). A second stream holds dead letters; an object store holds
+run logs, large diffs and checkpoints; a KV bucket records which events each role processed.
+Everything is created idempotently by `Bus.connect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.errors import ConnectionClosedError, NoServersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    KeyNotFoundError,
+    NoStreamResponseError,
+    NotFoundError,
+)
+
+from groundloop import telemetry
+from groundloop.events import Event, decode, encode
+from groundloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream error code: expected-last-subject-sequence mismatch
+MAX_EVENT_BYTES = 1024 * 1024  # events stay small; logs, diffs, checkpoints go to the object store
+_TRANSIENT = (NatsTimeout, asyncio.TimeoutError, NoStreamResponseError, ConnectionClosedError, OSError)
+
+
+class BrokerUnavailable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Published:
+    seq: int
+    duplicate: bool = False
+    refused: bool = False  # once_per_subject and the subject already had a message
+
+
+class Bus:
+    def __init__(self, settings: Settings, nc: Any):
+        self.settings = settings
+        self.nc = nc
+        self.js = nc.jetstream(timeout=10.0)
+        self._objects: Any = None
+        self._processed: Any = None
+        self._closing = {"now": False}  # shared with the disconnect callback: quiet on close
+
+    # ------------------------------------------------------------------ connect and ensure
+
+    @classmethod
+    async def connect(cls, settings: Settings, name: str, connect_timeout: float = 5.0) -> Bus:
+        if not settings.nats_url:
+            raise BrokerUnavailable(
+                "no NATS URL: set GROUNDLOOP_NATS_URL, or use the CLI, which starts the embedded broker"
+            )
+
+        closing = {"now": False}
+
+        async def on_disconnect() -> None:
+            if not closing["now"]:
+                log.warning("bus %s: disconnected from %s, reconnecting", name, settings.nats_url)
+
+        async def on_reconnect() -> None:
+            log.info("bus %s: reconnected to %s", name, settings.nats_url)
+
+        async def on_error(exc: Exception) -> None:
+            log.debug("bus %s: %s", name, exc)
+
+        try:
+            # Unlimited reconnects also make nats-py retry the *first* connect forever, so the
+            # first connect gets its own deadline.
+            nc = await asyncio.wait_for(nats.connect(
+                settings.nats_url,
+                name=name,
+                connect_timeout=connect_timeout,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,  # a broker restart must never strand a service
+                reconnect_time_wait=0.25,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+            ), timeout=connect_timeout * 2)
+        except (TimeoutError, NoServersError, OSError) as exc:
+            raise BrokerUnavailable(
+                f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}: {exc}); "
+                "start one (`groundloop broker`, or nats-server -js) or unset GROUNDLOOP_NATS_URL "
+                "to let the CLI start the embedded broker"
+            ) from None
+        bus = cls(settings, nc)
+        bus._closing = closing
+        await bus.ensure()
+        return bus
+
+    async def ensure(self) -> None:
+        """Create or update the stream, dead-letter stream, object store and KV (idempotent)."""
+        s = self.settings
+        await self._ensure_stream(api.StreamConfig(
+            name=s.stream,
+            subjects=[f"{s.subject_prefix}.>"],
+            storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS,
+            max_age=0,  # the log is never aged out
+            duplicate_window=s.duplicate_window_s,
+            allow_direct=True,
+        ))
+        await self._ensure_stream(api.StreamConfig(
+            name=s.dlq_stream,
+            subjects=[f"{s.subject_prefix}_dlq.>"],
+            storage=api.StorageType.FILE,
+            max_age=0,
+        ))
+        objects = api.ObjectStoreConfig(bucket=s.artifacts_bucket, storage=api.StorageType.FILE)
+        processed = api.KeyValueConfig(bucket=f"{s.stream}_processed", history=1,
+                                       storage=api.StorageType.FILE)
+        self._objects = await self._ensure_bucket(
+            self.js.object_store, lambda: self.js.create_object_store(objects.bucket, config=objects),
+            objects.bucket)
+        self._processed = await self._ensure_bucket(
+            self.js.key_value, lambda: self.js.create_key_value(config=processed), processed.bucket)
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        try:
+            await self.js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:  # another process created it between our two calls
+                pass
+            return
+        await self.js.update_stream(config)
+
+    @staticmethod
+    async def _ensure_bucket(get, create, bucket: str) -> Any:
+        try:
+            return await get(bucket)
+        except (NotFoundError, APIError):
+            try:
+                return await create()
+            except BadRequestError:  # created by another process meanwhile
+                return await get(bucket)
+
+    async def close(self) -> None:
+        self._closing["now"] = True
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (TimeoutError, ConnectionClosedError, NatsTimeout):
+                await self.nc.close()
+
+    # ------------------------------------------------------------------ subjects
+
+    def subject_filter(self, *, search_id: str = "*", type: str = "*", key: str = ">") -> str:
+        if key == ">" and type == "*":
+            return f"{self.settings.subject_prefix}.{search_id}.>"
+        return f"{self.settings.subject_prefix}.{search_id}.{type}.{key}"
+
+    def subject_of(self, event: Event) -> str:
+        return event.subject(self.settings.subject_prefix)
+
+    def dead_letter_subject(self, role: str) -> str:
+        return f"{self.settings.subject_prefix}_dlq.{role}"
+
+    # ------------------------------------------------------------------ publish
+
+    async def publish(self, event: Event, *, once_per_subject: bool = False,
+                      retry_for: float = 60.0) -> Published:
+        """Store `event` in the log. Retries through broker restarts for up to `retry_for`
+        seconds; safe because the message id makes the retry a no-op if the first landed."""
+        headers = {"Nats-Msg-Id": event.event_id}
+        if once_per_subject:
+            headers["Nats-Expected-Last-Subject-Sequence"] = "0"
+        telemetry.inject(headers)
+        body = encode(event)
+        return await self._publish_raw(self.subject_of(event), body, headers, retry_for)
+
+    async def _publish_raw(self, subject: str, body: bytes, headers: dict[str, str],
+                           retry_for: float) -> Published:
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + retry_for, 0.1
+        while True:
+            try:
+                ack = await self.js.publish(subject, body, headers=headers, stream=None)
+                return Published(seq=ack.seq, duplicate=bool(ack.duplicate))
+            except APIError as exc:
+                if exc.err_code == WRONG_LAST_SEQUENCE:
+                    return Published(seq=0, refused=True)
+                if exc.code and exc.code < 500:
+                    raise
+                failure: Exception = exc
+            except _TRANSIENT as exc:
+                failure = exc
+            if loop.time() + delay > deadline:
+                raise BrokerUnavailable(f"publish to {subject} failed for {retry_for:.0f}s: {failure!r}")
+            log.warning("publish to %s failed (%r); retrying in %.1fs", subject, failure, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def dead_letter(self, role: str, body: bytes, reason: str, headers: dict[str, str]) -> None:
+        """Keep a message that could not be handled, with why, on `<prefix>_dlq.<role>`."""
+        keep = body[: 256 * 1024]
+        meta = {**headers, "Groundloop-Reason": reason[:1000], "Groundloop-Role": role,
+                "Groundloop-Body-Bytes": str(len(body))}
+        if len(keep) < len(body):
+            meta["Groundloop-Truncated"] = "true"
+        await self._publish_raw(self.dead_letter_subject(role), keep, meta, retry_for=30.0)
+
+    # ------------------------------------------------------------------ artifacts
+
+    async def put_artifact(self, key: str, data: bytes) -> str:
+        await self._objects.put(key, data)
+        return key
+
+    async def get_artifact(self, key: str) -> bytes:
+        result = await self._objects.get(key)
+        return result.data
+
+    # ------------------------------------------------------------------ processed records
+
+    async def was_processed(self, role: str, event_id: str) -> bool:
+        try:
+            await self._processed.get(f"{role}.{event_id}")
+            return True
+        except KeyNotFoundError:
+            return False
+
+    async def mark_processed(self, role: str, event_id: str) -> None:
+        await self._processed.put(f"{role}.{event_id}", b"1")
+
+    # ------------------------------------------------------------------ reading the log
+
+    async def events(self, search_id: str | None = None, batch: int = 1000) -> AsyncIterator[Event]:
+        """Replay the log in publish order (one search, or all) up to its current end."""
+        async for _seq, event in self.raw_events(search_id, batch):
+            yield event
+
+    async def raw_events(self, search_id: str | None = None,
+                         batch: int = 1000) -> AsyncIterator[tuple[int, Event]]:
+        subject = self.subject_filter(search_id=search_id or "*")
+        sub = await self.js.pull_subscribe(
+            subject, stream=self.settings.stream,
+            config=api.ConsumerConfig(
+                ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
+                inactive_threshold=60.0, max_waiting=1,
+            ),
+        )
+        try:
+            info = await sub.consumer_info()
+            pending = info.num_pending
+            while pending > 0:
+                try:
+                    msgs = await sub.fetch(min(batch, pending), timeout=5.0)
+                except (TimeoutError, NatsTimeout):
+                    continue
+                for msg in msgs:
+                    pending = msg.metadata.num_pending
+                    yield msg.metadata.sequence.stream, decode(msg.data)
+        finally:
+            await sub.unsubscribe()
+
+    async def stream_state(self) -> dict[str, int]:
+        info = await self.js.stream_info(self.settings.stream)
+        return {"messages": info.state.messages, "last_seq": info.state.last_seq}
+
+    async def dead_letters(self, role: str) -> list[tuple[dict[str, str], bytes]]:
+        """All dead letters of one role (for tests and `groundloop events dlq`)."""
+        out = []
+        info = await self.js.stream_info(self.settings.dlq_stream)
+        if info.state.messages == 0:
+            return out
+        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
+            try:
+                msg = await self.js.get_msg(self.settings.dlq_stream, seq)
+            except NotFoundError:
+                continue
+            if msg.subject == self.dead_letter_subject(role):
+                out.append((dict(msg.headers or {}), msg.data or b""))
+        return out
+
+
+def describe(event: Event) -> str:
+    """`Type id` for log lines: every line about an event names its type and id."""
+    return f"{event.type} {event.event_id}"  # type: ignore[attr-defined]

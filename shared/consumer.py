@@ -1,0 +1,252 @@
+"""The one main loop every service runs: a durable pull consumer shared by a role's replicas.
+
+fetch (only while a handler slot is free) → decode (invalid → terminate + dead-letter) →
+already processed by this role? ack → handle → publish outputs (deterministic ids) → record
+processed → ack. Outcomes decide the acknowledgement:
+
+    handler returns       publish its events, ack
+    raise Retry           nak with the given delay (redelivered, maybe to another replica)
+    raise Reject          terminate, dead-letter with the reason
+    any other exception   logged, nak with backoff; after max_deliver the server gives up
+                          and `on_exhausted` records the loss (e.g. a failed RunCompleted)
+
+A replica that dies mid-handler never acks, so the message is redelivered after ack_wait;
+long handlers keep it by sending in-progress acks (`Delivery.heartbeat`).
+
+Events copied into a search by `fork` or `import` carry a producer starting with "history:".
+They are facts, not work: only roles that fold state (projector, evolver) pass
+`history=True`; the others ack them without handling, so no copied patch is run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from groundloop import telemetry
+from groundloop.bus import MAX_EVENT_BYTES, Bus, describe
+from groundloop.events import Event, GenerationAdvanced, InvalidEvent, decode
+
+log = logging.getLogger(__name__)
+
+HISTORY_PREFIX = "history:"
+
+
+def is_history(event: Event) -> bool:
+    """Copied by fork/import: already happened, never to be acted on again."""
+    return event.producer.startswith(HISTORY_PREFIX)
+
+
+class Retry(Exception):
+    """Hand the event back for redelivery after `delay` seconds."""
+
+    def __init__(self, reason: str, delay: float = 1.0):
+        super().__init__(reason)
+        self.reason, self.delay = reason, delay
+
+
+class Reject(Exception):
+    """The event can never be handled: terminate it and keep it on the dead-letter subject."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Delivery:
+    event: Event
+    attempt: int
+    max_deliver: int
+    ack_wait: float
+    msg: Any = field(repr=False, default=None)
+
+    @property
+    def last_attempt(self) -> bool:
+        return self.attempt >= self.max_deliver
+
+    async def in_progress(self) -> None:
+        if self.msg is not None:
+            with contextlib.suppress(Exception):  # a lost heartbeat only risks an early redelivery
+                await self.msg.in_progress()
+
+    @contextlib.asynccontextmanager
+    async def heartbeat(self, every: float | None = None) -> AsyncIterator[None]:
+        """Keep the message ours while a long handler runs (in-progress ack every ack_wait/3)."""
+        period = every or max(self.ack_wait / 3, 0.1)
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(period)
+                await self.in_progress()
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+Handler = Callable[[Event, Delivery], Awaitable[list[Event]]]
+ExhaustedHandler = Callable[[Event, str], Awaitable[list[Event]]]
+
+
+async def ensure_consumer(bus: Bus, role: str, filters: list[str]) -> None:
+    """Create or update the role's durable pull consumer (idempotent, safe across replicas)."""
+    s = bus.settings
+    config = api.ConsumerConfig(
+        durable_name=role,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=s.ack_wait_s,
+        max_deliver=s.max_deliver,
+        max_ack_pending=10_000,
+        max_waiting=512,
+        **({"filter_subject": filters[0]} if len(filters) == 1 else {"filter_subjects": filters}),
+    )
+    try:
+        await bus.js.consumer_info(s.stream, role)
+    except NotFoundError:
+        with contextlib.suppress(BadRequestError):  # another replica won the race
+            await bus.js.add_consumer(s.stream, config)
+            return
+    await bus.js.add_consumer(s.stream, config)  # same name: updates the config in place
+
+
+async def publish_outputs(bus: Bus, outputs: list[Event]) -> None:
+    for out in outputs:
+        # GenerationAdvanced is exactly-once per generation: the server refuses a second.
+        result = await bus.publish(out, once_per_subject=isinstance(out, GenerationAdvanced))
+        if result.refused:
+            log.info("%s refused: generation already advanced", describe(out))
+
+
+async def consume(
+    bus: Bus,
+    role: str,
+    filters: list[str],
+    handler: Handler,
+    *,
+    stop: asyncio.Event,
+    concurrency: int = 1,
+    on_exhausted: ExhaustedHandler | None = None,
+    fetch_timeout: float = 1.0,
+    history: bool = False,
+    dedupe: bool = True,
+) -> None:
+    """Serve `role` until `stop` is set. `dedupe=False` skips the processed-events KV, for a
+    role that records processed events itself in the same transaction as its effects."""
+    await ensure_consumer(bus, role, filters)
+    sub = await bus.js.pull_subscribe_bind(role, stream=bus.settings.stream)
+    watcher = await _watch_exhausted(bus, role, on_exhausted)
+    in_flight: set[asyncio.Task] = set()
+    try:
+        while not stop.is_set():
+            free = concurrency - len(in_flight)
+            if free <= 0:
+                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await sub.fetch(free, timeout=fetch_timeout)
+            except (TimeoutError, NatsTimeout):
+                continue
+            except Exception as exc:  # broker restarting: keep the loop alive
+                log.warning("%s: fetch failed (%r); retrying", role, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(_process(bus, role, msg, handler, history, dedupe))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
+    finally:
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                await watcher.unsubscribe()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def _process(bus: Bus, role: str, msg: Any, handler: Handler, history: bool, dedupe: bool) -> None:
+    headers = dict(msg.headers or {})
+    meta = msg.metadata
+    attempt = meta.num_delivered
+    try:
+        if len(msg.data) > MAX_EVENT_BYTES:
+            raise InvalidEvent(
+                f"event body is {len(msg.data):,} bytes, over the {MAX_EVENT_BYTES:,}-byte limit; "
+                "large payloads belong in the object store (put_artifact) with a key in the event"
+            )
+        event = decode(msg.data)
+    except InvalidEvent as exc:
+        log.error("%s: rejecting message %s (stream seq %d): %s", role, msg.subject,
+                  meta.sequence.stream, exc)
+        await bus.dead_letter(role, msg.data, str(exc), {**headers, "Groundloop-Subject": msg.subject,
+                                                        "Groundloop-Stream-Seq": str(meta.sequence.stream)})
+        await msg.term()
+        return
+    if (not history and is_history(event)) or (dedupe and await bus.was_processed(role, event.event_id)):
+        log.debug("%s: %s is history or already processed; acking", role, describe(event))
+        await msg.ack()
+        return
+    delivery = Delivery(event, attempt, bus.settings.max_deliver, bus.settings.ack_wait_s, msg)
+    with telemetry.span_from_headers(f"{role} {event.type}", headers, event_id=event.event_id,
+                                     search_id=event.search_id, attempt=attempt):
+        try:
+            outputs = await handler(event, delivery)
+            await publish_outputs(bus, outputs)
+        except Retry as exc:
+            log.info("%s: %s handed back (%s); retry in %.1fs", role, describe(event), exc.reason, exc.delay)
+            await msg.nak(delay=exc.delay)
+            return
+        except Reject as exc:
+            log.error("%s: %s rejected: %s", role, describe(event), exc.reason)
+            await bus.dead_letter(role, msg.data, exc.reason, {**headers, "Groundloop-Subject": msg.subject})
+            await msg.term()
+            return
+        except Exception:
+            delay = min(2.0 ** attempt, 30.0)
+            log.exception("%s: handling %s failed (attempt %d/%d); retry in %.0fs", role,
+                          describe(event), attempt, bus.settings.max_deliver, delay)
+            await msg.nak(delay=delay)
+            return
+    if dedupe:
+        await bus.mark_processed(role, event.event_id)
+    await msg.ack()
+
+
+async def _watch_exhausted(bus: Bus, role: str, on_exhausted: ExhaustedHandler | None) -> Any:
+    """Subscribe (as a queue group, so one replica reacts) to JetStream's max-deliveries
+    advisory for this role; record the loss through `on_exhausted` and the dead-letter."""
+    subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{bus.settings.stream}.{role}"
+
+    async def on_advisory(advisory: Any) -> None:
+        try:
+            seq = json.loads(advisory.data)["stream_seq"]
+            stored = await bus.js.get_msg(bus.settings.stream, seq)
+            event = decode(stored.data)
+        except Exception as exc:
+            log.error("%s: cannot read exhausted message from advisory: %r", role, exc)
+            return
+        reason = f"no {role} finished it in {bus.settings.max_deliver} deliveries"
+        log.error("%s: %s exhausted: %s", role, describe(event), reason)
+        try:
+            if on_exhausted is not None:
+                await publish_outputs(bus, await on_exhausted(event, reason))
+            await bus.dead_letter(role, stored.data, reason, {"Groundloop-Stream-Seq": str(seq)})
+        except Exception:
+            log.exception("%s: recording the exhausted %s failed", role, describe(event))
+
+    return await bus.nc.subscribe(subject, queue=role, cb=on_advisory)

@@ -35,7 +35,7 @@ def sh(*cmd: str | Path) -> None:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py must run on old Pythons to say so
         sys.exit(f"groundloop needs Python >= 3.11; this is {sys.version.split()[0]}")
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + EXTRAS.encode()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted and PYTHON.exists():

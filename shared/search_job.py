@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -60,6 +61,15 @@ def search_started_event(search_id: str, env: Environment, *, strategy: str, gen
         ),
         proposer=proposer, implementer=implementer, price_table=prices, seed=seed,
     )
+
+
+def default_slots(env: Environment) -> int:
+    """CPU runs at once: one core is left for the implementer's pre-flight smoke runs, so
+    concurrent work does not push a run past its wall-clock cap. GPU environments: 1 (more
+    GPU runners are separate replicas, `python -m groundloop.runner --gpus ...`)."""
+    if env.manifest.resource_class != "cpu":
+        return 1
+    return max(1, ((os.cpu_count() or 1) - 1) // env.manifest.resources.cpus)
 
 
 def default_deadline(env: Environment, ideas: int, slots: int) -> float:
@@ -209,7 +219,7 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
         model: Annotated[str | None, typer.Option(help="ideator model, e.g. anthropic:claude-sonnet-4-5; none = offline knob proposer")] = None,
         implementer_model: Annotated[str | None, typer.Option(help="implementer model (default: --model)")] = None,
         search_id: Annotated[str | None, typer.Option(help="name; default <env>-<strategy>-s<seed>, which resumes")] = None,
-        slots: Annotated[int, typer.Option(help="runs at once on this machine")] = 1,
+        slots: Annotated[int | None, typer.Option(help="runs at once on this machine (default: spare cores / the environment's cpus)")] = None,
         baseline_seeds: int = 1,
         final_top_k: int = 1,
         final_seeds: int = 2,
@@ -224,6 +234,7 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
         settings = Settings()
         configure_logging(settings.model_copy(update={"log_level": "WARNING"}) if sys.stdout.isatty() else settings)
         environment = Environment.load(env, settings.environments_dir)
+        slots = slots or default_slots(environment)
         name = search_id or f"{environment.name}-{strategy.replace('_', '-')}-s{seed}"
         started = search_started_event(
             name, environment, strategy=strategy, generations=generations, ideas=ideas, seed=seed,

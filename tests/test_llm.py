@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+
 from groundloop.events import ModelPrice, Usage
 from groundloop.llm import (
     DEFAULT_PRICES,
@@ -18,7 +19,6 @@ from groundloop.llm import (
     price_table,
 )
 from groundloop.pricing import add_usage
-
 from tests.llm_server import FakeLLMServer, Reply
 
 SECRET = "sk-test-secret-0123456789"

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+
 from groundloop import events as ev
 from groundloop.applier import make_diff
 from groundloop.bus import Bus

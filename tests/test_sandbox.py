@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from groundloop.sandbox import (
     Limits,
     _cgroup_parents,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from groundloop.evolver.stats import (
     mean,
     mean_ci,

@@ -9,6 +9,8 @@ computed afterwards by the protected evaluate.py, which rebuilds the model from 
 
 so GPT / GPTConfig must stay importable (training runs only under `__main__`) and the model
 must be causal: evaluate.py rejects the run if logits at position t depend on tokens after t.
+It also rejects a run whose import replaces functions of torch, torch.nn.functional or data
+(monkeypatching): change behaviour inside this file's own classes and functions instead.
 
 Run: python train.py [--smoke]. Reads GROUNDLOOP_SEED (default 0), GROUNDLOOP_DEVICE (cpu or
 cuda) and GROUNDLOOP_SMOKE=1. Writes out/ckpt.pt.

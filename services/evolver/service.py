@@ -23,6 +23,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from nats.js.errors import NotFoundError
+
 from groundloop.bus import Bus
 from groundloop.consumer import consume
 from groundloop.environment import Environment
@@ -41,7 +43,6 @@ from groundloop.events import (
     decode,
 )
 from groundloop.settings import Settings
-from nats.js.errors import NotFoundError
 
 from .decisions import (
     PRODUCER,

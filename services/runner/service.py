@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nats.js.errors import ObjectNotFoundError
+
 from groundloop.bus import Bus, describe
 from groundloop.consumer import Delivery, Retry, consume
 from groundloop.environment import (
@@ -43,7 +45,6 @@ from groundloop.runner.logs import LogStreamer, PutArtifact, log_key
 from groundloop.runner.slots import RunnerSettings, Slot, SlotPool, plan_slots
 from groundloop.sandbox import Limits, cancel_on, sweep_orphaned_runs
 from groundloop.settings import Settings
-from nats.js.errors import ObjectNotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from groundloop.events import ResourceClass
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from groundloop.events import ResourceClass
 
 
 def _default_runner_id() -> str:

@@ -195,7 +195,7 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
                                            with_runner=runner))
         if out is not None:
             console.print(f"[green]done[/]: report in {out}")
-            console.print((out / "leaderboard.md").read_text())
+            print((out / "leaderboard.md").read_text())  # plain: Markdown must not be re-wrapped
 
     @app.command("export")
     def export_command(

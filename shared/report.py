@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlmodel import Session, select
 
+from groundloop.manifest import Metric
 from groundloop.store import GenerationRow, IdeaRow, PatchRow, RunRow, SearchRow
 
 
@@ -78,15 +79,16 @@ def baseline_scores(session: Session, search_id: str) -> list[float]:
     return [r.score for r in runs if r.score is not None]
 
 
-def write_report(session: Session, search_id: str, out_dir: Path, direction: str = "maximize") -> Path:
+def write_report(session: Session, search_id: str, out_dir: Path, metric: Metric) -> Path:
     search = session.get(SearchRow, search_id)
     if search is None:
         raise LookupError(f"no search {search_id!r} in the projections; run `groundloop searches`")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = leaderboard(session, search_id)
-    _write_leaderboard(rows, out_dir, search)
-    curve = best_so_far(session, search_id, direction)
-    _plot(curve, baseline_scores(session, search_id), out_dir / "best_so_far.png", search)
+    baseline = baseline_scores(session, search_id)
+    _write_leaderboard(rows, out_dir, search, metric, baseline)
+    curve = best_so_far(session, search_id, metric.direction)
+    _plot(curve, baseline, out_dir / "best_so_far.png", search)
     if rows and rows[0].reward is not None:
         idea = session.get(IdeaRow, rows[0].idea_id)
         patch = session.get(PatchRow, idea.patch_id) if idea and idea.patch_id else None
@@ -94,7 +96,8 @@ def write_report(session: Session, search_id: str, out_dir: Path, direction: str
             (out_dir / "best.patch").write_text(patch.diff)
     summary: dict[str, Any] = {
         "search": search.model_dump(mode="json"),
-        "baseline_scores": baseline_scores(session, search_id),
+        "metric": metric.model_dump(),
+        "baseline_scores": baseline,
         "best_so_far": curve,
         "leaderboard": [r.__dict__ for r in rows[:20]],
     }
@@ -102,7 +105,8 @@ def write_report(session: Session, search_id: str, out_dir: Path, direction: str
     return out_dir
 
 
-def _write_leaderboard(rows: list[LeaderboardRow], out_dir: Path, search: SearchRow) -> None:
+def _write_leaderboard(rows: list[LeaderboardRow], out_dir: Path, search: SearchRow, metric: Metric,
+                       baseline: list[float]) -> None:
     with (out_dir / "leaderboard.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["rank", "idea_id", "generation", "mode", "score", "reward", "runs", "status",
@@ -110,11 +114,19 @@ def _write_leaderboard(rows: list[LeaderboardRow], out_dir: Path, search: Search
         for r in rows:
             writer.writerow([r.rank, r.idea_id, r.generation, r.mode, r.score, r.reward, r.runs,
                              r.status, r.proposer, r.title, r.best_run_id, r.log_key])
+    final_split = metric.final_split or metric.split
+    base = f"{_fmt(sum(baseline) / len(baseline))} ({len(baseline)} seeds)" if baseline else "-"
     lines = [
         f"# {search.search_id}: {search.environment} ({search.strategy})",
         "",
-        f"Status: {search.status}. Baseline score: {_fmt(search.baseline_score)}. "
-        f"Best score: {_fmt(search.best_score)}. Reason: {search.completion_reason or '-'}.",
+        f"Status: {search.status} ({search.completion_reason or 'running'}). Metric: {metric.name}, "
+        f"{'lower' if metric.direction == 'minimize' else 'higher'} is better.",
+        "",
+        f"- search split `{metric.split}`: baseline {base}, best idea {_fmt(rows[0].score if rows else None)}",
+        f"- final re-evaluation on `{final_split}`: baseline {_fmt(search.baseline_score)}, "
+        f"best idea {_fmt(search.best_score)}",
+        "",
+        f"Leaderboard (best score of each idea on `{metric.split}`):",
         "",
         "| rank | generation | mode | score | runs | status | proposer | idea | log |",
         "|---:|---:|---|---:|---:|---|---|---|---|",
@@ -125,11 +137,13 @@ def _write_leaderboard(rows: list[LeaderboardRow], out_dir: Path, search: Search
         lines.append(f"| {r.rank} | {r.generation} | {r.mode} | {_fmt(r.score)} | {r.runs} | "
                      f"{r.status} | {r.proposer} | {title} | {log} |")
     if search.final:
-        lines += ["", "## Final re-evaluation (mean ± 95 % CI, Welch p vs baseline)", "",
+        titles = {r.idea_id: r.title.replace("|", "\\|").replace("\n", " ")[:80] for r in rows}
+        lines += ["", f"## Final re-evaluation on `{final_split}` (mean ± 95 % CI, Welch p vs baseline)", "",
                   "| idea | scores | mean | 95 % CI | p |", "|---|---|---:|---|---:|"]
         for f in search.final:
             scores = ", ".join(_fmt(s) for s in f["scores"])
-            lines.append(f"| {f['idea_id'][:8]} | {scores} | {_fmt(f['mean'])} | "
+            idea = titles.get(f["idea_id"], f["idea_id"][:8])
+            lines.append(f"| {idea} | {scores} | {_fmt(f['mean'])} | "
                          f"[{_fmt(f['ci95_low'])}, {_fmt(f['ci95_high'])}] | {_fmt(f.get('p_value_vs_baseline'))} |")
     (out_dir / "leaderboard.md").write_text("\n".join(lines) + "\n")
 
@@ -140,6 +154,7 @@ def _plot(curve: list[tuple[int, float]], baseline: list[float], path: Path, sea
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         path.with_suffix(".txt").write_text("matplotlib is not installed: pip install 'groundloop[report]'\n")
         return
@@ -149,6 +164,7 @@ def _plot(curve: list[tuple[int, float]], baseline: list[float], path: Path, sea
     if baseline:
         mean = sum(baseline) / len(baseline)
         ax.axhline(mean, color="grey", linestyle="--", label=f"baseline ({len(baseline)} seeds)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("generation")
     ax.set_ylabel("score")
     ax.set_title(f"{search.environment}: {search.strategy}")

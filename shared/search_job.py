@@ -64,12 +64,12 @@ def search_started_event(search_id: str, env: Environment, *, strategy: str, gen
 
 
 def default_slots(env: Environment) -> int:
-    """CPU runs at once: one core is left for the implementer's pre-flight smoke runs, so
-    concurrent work does not push a run past its wall-clock cap. GPU environments: 1 (more
-    GPU runners are separate replicas, `python -m groundloop.runner --gpus ...`)."""
+    """CPU runs at once: as many as the cores hold at the environment's declared cpus. GPU
+    environments: 1 (more GPU runners are separate replicas: `python -m groundloop.runner
+    --gpus ...`)."""
     if env.manifest.resource_class != "cpu":
         return 1
-    return max(1, ((os.cpu_count() or 1) - 1) // env.manifest.resources.cpus)
+    return max(1, (os.cpu_count() or 1) // env.manifest.resources.cpus)
 
 
 def default_deadline(env: Environment, ideas: int, slots: int) -> float:
@@ -200,7 +200,7 @@ async def run_search(settings: Settings, started: ev.SearchStarted, env: Environ
     out = report_dir / started.search_id
     engine = make_engine(settings.resolved_db_url())
     with Session(engine) as session:
-        write_report(session, started.search_id, out, env.manifest.metric.direction)
+        write_report(session, started.search_id, out, env.manifest.metric)
     engine.dispose()
     await fetch_logs(settings, started.search_id, out)
     return out
@@ -255,4 +255,4 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
             run_async(go())
         if result and result[0] is not None:
             console.print(f"[green]done[/]: report in {result[0]}")
-            console.print((result[0] / "leaderboard.md").read_text())
+            print((result[0] / "leaderboard.md").read_text())  # plain: Markdown must not be re-wrapped

@@ -29,17 +29,11 @@ from groundloop.bus import Bus
 from groundloop.consumer import consume
 from groundloop.environment import Environment
 from groundloop.events import (
+    EVENT_TYPES,
     Event,
     GenerationAdvanced,
-    IdeaProposed,
     InvalidEvent,
-    PatchFailed,
-    PatchReady,
-    RunCompleted,
-    RunRequested,
-    RunStarted,
-    SearchCompleted,
-    SearchStarted,
+    PolicyUpdated,
     decode,
 )
 from groundloop.settings import Settings
@@ -74,17 +68,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONSUMED_TYPES = (
-    SearchStarted,
-    GenerationAdvanced,
-    IdeaProposed,
-    PatchReady,
-    PatchFailed,
-    RunRequested,
-    RunStarted,
-    RunCompleted,
-    SearchCompleted,
-)
+# Everything about a search; PolicyUpdated is the rl-trainer's and changes no decision here.
+CONSUMED_TYPES = tuple(cls for cls in EVENT_TYPES if cls is not PolicyUpdated)
 
 
 def handle(event: Event, deps: Deps) -> list[Event]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -72,21 +73,17 @@ def broker(port: Annotated[int, typer.Option(help="client port")] = DEFAULT_PORT
     """Run the embedded broker in the foreground until Ctrl-C."""
     settings = Settings()
     configure_logging(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the broker starts: no window for a raw Ctrl-C
+        signal.signal(sig, lambda *_: stop.set())
     instance = EmbeddedBroker(settings.data_dir, port)
     with instance:
         if not instance.owned:
             console.print(f"a broker for {settings.data_dir} is already running on {instance.url}")
             return
         console.print(f"nats-server with JetStream on {instance.url} (store {instance.root}); Ctrl-C stops it")
-        stop = asyncio.Event()
-
-        async def wait() -> None:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-
-        asyncio.run(wait())
+        while not stop.wait(0.5):
+            pass
 
 
 @events_app.command("tail")

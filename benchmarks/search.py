@@ -37,7 +37,7 @@ def one_search(env: Environment, strategy: str, seed: int, args: argparse.Namesp
     started = search_started_event(
         f"{env.name}-{strategy.replace('_', '-')}-s{seed}", env, strategy=strategy,
         generations=args.generations, ideas=args.ideas, seed=seed, model=None, implementer_model=None,
-        baseline_seeds=1, final_top_k=1, final_seeds=2, budgets=ev.Budgets(),
+        baseline_seeds=1, final_top_k=1, final_seeds=args.final_seeds, budgets=ev.Budgets(),
         deadline=default_deadline(env, args.ideas, args.slots),
     )
     t = time.perf_counter()
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--ideas", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--slots", type=int, default=1)
+    parser.add_argument("--final-seeds", type=int, default=2)
     args = parser.parse_args()
     env = Environment.load(args.env)
     print(f"{env.name}: {args.generations} generations x {args.ideas} ideas, knob proposer, "

@@ -12,6 +12,7 @@ the `replay rebuild` path (≥ 10,000 events/s into SQLite on two cores).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import islice
 
@@ -111,6 +112,15 @@ def project_all(
     nothing committed; a power cut mid-rebuild can damage the file, which is then rebuilt
     again from the log. durable=True keeps the engine's own setting for every batch."""
     applied = 0
+    with bulk_connection(engine, durable=durable) as conn:
+        for batch in _batches(events, batch_size):
+            applied += project_batch(conn, batch, role)
+    return applied
+
+
+@contextmanager
+def bulk_connection(engine: Engine, *, durable: bool = False) -> Iterator[Connection]:
+    """A connection for many batches; see project_all for what durable=False means."""
     with engine.connect() as conn:
         relax = conn.dialect.name == "sqlite" and not durable
         if relax:
@@ -118,23 +128,27 @@ def project_all(
             conn.exec_driver_sql("PRAGMA synchronous=OFF")
             conn.commit()
         try:
-            for batch in _batches(events, batch_size):
-                with conn.begin():
-                    applied += _apply_batch(conn, batch, role)
+            yield conn
         finally:
             if relax:
                 conn.rollback()
                 conn.exec_driver_sql(f"PRAGMA synchronous={int(previous)}")
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)")  # syncs what was written
                 conn.commit()
-    return applied
+
+
+def project_batch(conn: Connection, batch: list[ev.Event | tuple[int, ev.Event]], role: str = ROLE) -> int:
+    """Apply one batch in one transaction (changes and tracking records together)."""
+    pairs = [item if isinstance(item, tuple) else (None, item) for item in batch]
+    with conn.begin():
+        return _apply_batch(conn, pairs, role)
 
 
 def _batches(
     events: Iterable[ev.Event | tuple[int, ev.Event]], size: int
-) -> Iterator[list[tuple[int | None, ev.Event]]]:
-    pairs = (item if isinstance(item, tuple) else (None, item) for item in events)
-    while batch := list(islice(pairs, size)):
+) -> Iterator[list[ev.Event | tuple[int, ev.Event]]]:
+    it = iter(events)
+    while batch := list(islice(it, size)):
         yield batch
 
 

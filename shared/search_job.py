@@ -64,12 +64,13 @@ def search_started_event(search_id: str, env: Environment, *, strategy: str, gen
 
 
 def default_slots(env: Environment) -> int:
-    """CPU runs at once: as many as the cores hold at the environment's declared cpus. GPU
-    environments: 1 (more GPU runners are separate replicas: `python -m groundloop.runner
-    --gpus ...`)."""
+    """CPU runs at once: one core is left to the implementer's pre-flight smoke runs, since
+    contention would push runs toward their wall-clock cap (seen: tinygpt with 2 slots on 2
+    cores timed out runs that take ~55 s alone). GPU environments: 1 (more GPU runners are
+    separate replicas: `python -m groundloop.runner --gpus ...`)."""
     if env.manifest.resource_class != "cpu":
         return 1
-    return max(1, (os.cpu_count() or 1) // env.manifest.resources.cpus)
+    return max(1, ((os.cpu_count() or 1) - 1) // env.manifest.resources.cpus)
 
 
 def default_deadline(env: Environment, ideas: int, slots: int) -> float:

@@ -10,10 +10,7 @@ implementer (pre-flight) and the runner:
     result = execute(env, workspace, seed=0, run_dir=..., cache_dir=...)
     result.outcome.status, result.outcome.score        # "succeeded", 0.62...
 
-`execute`: protected digests verified → entrypoint run under the wall budget in the sandbox
-(`groundloop.sandbox.run_sandboxed`) → protected digests and sources verified again → the
-protected `evaluate` step (when the manifest has one) writes GROUNDLOOP_METRICS_OUT, a fresh
-file outside the workspace → `Environment.outcome` turns that file into an `Outcome`.
+The steps of `execute` are described in `groundloop.run_protocol`, where it lives.
 
 Here: `Environment` (load, describe, materialize, verify, prepare, judge a metrics file).
 `execute`, `provenance`, `hardware`, the digests, `Outcome`, `Execution` and

@@ -132,12 +132,12 @@ def _write_leaderboard(rows: list[LeaderboardRow], out_dir: Path, search: Search
         "|---:|---:|---|---:|---:|---|---|---|---|",
     ]
     for r in rows:
-        title = r.title.replace("|", "\\|").replace("\n", " ")[:120]
+        title = _cell(r.title, 120)
         log = f"logs/{r.best_run_id}.log" if r.best_run_id else "-"
         lines.append(f"| {r.rank} | {r.generation} | {r.mode} | {_fmt(r.score)} | {r.runs} | "
                      f"{r.status} | {r.proposer} | {title} | {log} |")
     if search.final:
-        titles = {r.idea_id: r.title.replace("|", "\\|").replace("\n", " ")[:80] for r in rows}
+        titles = {r.idea_id: _cell(r.title, 80) for r in rows}
         lines += ["", f"## Final re-evaluation on `{final_split}` (mean ± 95 % CI, Welch p vs baseline)", "",
                   "| idea | scores | mean | 95 % CI | p |", "|---|---|---:|---|---:|"]
         for f in search.final:
@@ -172,6 +172,11 @@ def _plot(curve: list[tuple[int, float]], baseline: list[float], path: Path, sea
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _cell(text: str, width: int) -> str:
+    """Text safe inside one Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")[:width]
 
 
 def _fmt(value: float | None) -> str:

@@ -6,9 +6,12 @@
     python3 dev.py setup           venv + install only
     python3 dev.py run CMD [ARGS]  venv + install, then any command inside the venv
 
-The virtual environment lives in .venv beside this file and is reinstalled only when
-pyproject.toml changes. torch is pinned to 2.13.0 for CPU machines; to use your own build
-(e.g. CUDA), install it into .venv first and it is kept.
+The virtual environment lives in .venv beside this file and is reinstalled only when a
+member's pyproject.toml or constraints.txt changes. Every workspace member (shared/ and each
+services/<role>/) is installed editable, with its own dependencies, pinned by constraints.txt.
+torch is pinned to 2.13.0 for CPU machines; to use your own build (e.g. CUDA), install it into
+.venv first and it is kept. The environments are data: .venv/share/groundloop/environments
+links to this checkout's environments/ (an image copies them there instead).
 """
 
 from __future__ import annotations
@@ -26,7 +29,18 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 STAMP = VENV / ".groundloop-installed"
 TORCH = "torch==2.13.0"
-EXTRAS = "envs,grpo-math,llm,api,report,postgres,dev"
+CONSTRAINTS = ROOT / "constraints.txt"
+DEV_REQUIREMENTS = ROOT / "requirements-dev.txt"
+# Workspace members and the extras a developer wants. rl-trainer is installed once it has code.
+MEMBERS = [
+    "shared[llm,otlp]",
+    "services/api[postgres]",
+    "services/evolver",
+    "services/ideator",
+    "services/implementer[grpo-math]",
+    "services/runner[grpo-math]",
+    "services/cli",
+]
 
 
 def sh(*cmd: str | Path) -> None:
@@ -37,19 +51,33 @@ def sh(*cmd: str | Path) -> None:
 def setup() -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 - dev.py must run on old Pythons to say so
         sys.exit(f"groundloop needs Python >= 3.11; this is {sys.version.split()[0]}")
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + EXTRAS.encode()).hexdigest()
+    inputs = [CONSTRAINTS, DEV_REQUIREMENTS]
+    inputs += [ROOT / m.split("[")[0] / "pyproject.toml" for m in MEMBERS]
+    wanted = hashlib.sha256(b"".join(p.read_bytes() for p in inputs) + str(MEMBERS).encode())
+    wanted = wanted.hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted and PYTHON.exists():
         return
     if not PYTHON.exists():
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip = [PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    sh(*pip, "--upgrade", "pip", "setuptools>=68", "wheel")
+    sh(*pip, "--upgrade", "pip", "setuptools>=77", "wheel")
     has_torch = subprocess.run([str(PYTHON), "-c", "import torch"], capture_output=True).returncode == 0
     if not has_torch:
         sh(*pip, TORCH)
-    sh(*pip, "-e", f".[{EXTRAS}]")
+    editables = [arg for m in MEMBERS for arg in ("-e", f"./{m}")]
+    sh(*pip, "-c", CONSTRAINTS, *editables, "-r", DEV_REQUIREMENTS)
+    link_environments()
     STAMP.write_text(wanted)
+
+
+def link_environments() -> None:
+    """Install the environments as data where Settings looks for them (sys.prefix/share)."""
+    target = VENV / "share" / "groundloop" / "environments"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    target.symlink_to(ROOT / "environments", target_is_directory=True)
 
 
 def main(argv: list[str]) -> int:

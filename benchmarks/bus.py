@@ -24,7 +24,7 @@ from groundloop.broker import NatsServer, free_port  # noqa: E402
 from groundloop.bus import Bus  # noqa: E402
 from groundloop.consumer import consume  # noqa: E402
 from groundloop.events import encode  # noqa: E402
-from groundloop.replay import rebuild  # noqa: E402
+from groundloop.api.rebuild import rebuild  # noqa: E402
 from groundloop.settings import Settings  # noqa: E402
 from tests.factories import one_search  # noqa: E402
 

@@ -4,7 +4,7 @@
         [--cache-dir DIR] [--nanogpt-seconds 120] [--skip-nanogpt]
 
 For each CPU environment: the unpatched baseline, run by the real run protocol
-(groundloop.environment.execute: sandbox, full budget, protected evaluation) once per seed.
+(groundloop.execution.environment.execute: sandbox, full budget, protected evaluation) once per seed.
 Prints per run the training and evaluation wall time, the CPU time of both (children's
 rusage), the metric and the load average (the machine may be shared: compare CPU time, not
 only wall time), then the metric's mean ± std and the wall-time range. tinygrpo also reports
@@ -30,9 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from groundloop.applier import make_diff
-from groundloop.environment import Environment, execute
-from groundloop.settings import REPO_ROOT
+from groundloop.execution.applier import make_diff
+from groundloop.execution.environment import Environment, execute
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 ENVIRONMENTS = REPO_ROOT / "environments"
 

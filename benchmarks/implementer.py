@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 from groundloop import events as ev
-from groundloop.environment import Environment
+from groundloop.execution.environment import Environment
 from groundloop.ideator.history import SearchHistory
 from groundloop.ideator.service import IdeatorDeps, propose
 from groundloop.implementer.service import ImplementerDeps, handle
-from groundloop.llm import ClientCache, LLMSettings
-from groundloop.settings import REPO_ROOT
+from groundloop.llm.client import ClientCache, LLMSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def load(name: str) -> Environment:

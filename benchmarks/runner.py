@@ -31,13 +31,15 @@ import time
 from pathlib import Path
 
 from groundloop import events as ev
-from groundloop.applier import make_diff
+from groundloop.execution.applier import make_diff
 from groundloop.broker import NatsServer, free_port
 from groundloop.bus import Bus
-from groundloop.environment import Environment
+from groundloop.execution.environment import Environment
 from groundloop.runner.service import run
 from groundloop.runner.slots import RunnerSettings
-from groundloop.settings import REPO_ROOT, Settings
+from groundloop.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Watch:

@@ -24,11 +24,11 @@ from sqlmodel import Session  # noqa: E402
 
 from groundloop import events as ev  # noqa: E402
 from groundloop.broker import EmbeddedBroker, free_port  # noqa: E402
-from groundloop.environment import Environment  # noqa: E402
-from groundloop.report import best_so_far  # noqa: E402
-from groundloop.search_job import default_deadline, run_search, search_started_event  # noqa: E402
+from groundloop.execution.environment import Environment  # noqa: E402
+from groundloop.cli.report import best_so_far  # noqa: E402
+from groundloop.cli.search_job import default_deadline, run_search, search_started_event  # noqa: E402
 from groundloop.settings import Settings  # noqa: E402
-from groundloop.store import SearchRow, make_engine  # noqa: E402
+from groundloop.api.store import SearchRow, make_engine  # noqa: E402
 
 
 def one_search(env: Environment, strategy: str, seed: int, args: argparse.Namespace) -> tuple[list, SearchRow, float]:

@@ -11,7 +11,7 @@ from groundloop import events as ev
 from groundloop.api.app import create_app
 from groundloop.api.projector import project_all
 from groundloop.settings import Settings
-from groundloop.store import make_engine, reset_tables
+from groundloop.api.store import make_engine, reset_tables
 from tests.search_story import search_story
 
 S1 = search_story("s1")

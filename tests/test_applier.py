@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from groundloop.applier import (
+from groundloop.execution.applier import (
     PatchRejected,
     apply_diff,
     apply_to_sources,

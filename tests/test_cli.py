@@ -19,7 +19,7 @@ from groundloop.bus import Bus
 from groundloop.settings import Settings
 from tests.factories import one_search
 
-CLI = [sys.executable, "-m", "groundloop.cli"]
+CLI = [sys.executable, "-m", "groundloop.cli.main"]
 
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:

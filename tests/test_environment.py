@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from groundloop.applier import make_diff
-from groundloop.environment import (
+from groundloop.execution.applier import make_diff
+from groundloop.execution.environment import (
     Environment,
     PatchRejected,
     ProtectedFileChanged,
@@ -27,7 +27,7 @@ from groundloop.environment import (
 )
 from groundloop.events import Provenance
 from groundloop.manifest import ManifestError
-from groundloop.settings import REPO_ROOT
+from tests.paths import REPO_ROOT
 
 ENVIRONMENTS = REPO_ROOT / "environments"
 

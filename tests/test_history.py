@@ -17,10 +17,10 @@ import pytest
 
 from groundloop import events as ev
 from groundloop.consumer import is_history
-from groundloop.environment import Environment
+from groundloop.execution.environment import Environment
 from groundloop.evolver.redecide import redecide
 from groundloop.evolver.service import Deps, baseline_run_id, handle
-from groundloop.history import HistoryError, export_paper, fork, import_paper
+from groundloop.cli.history import HistoryError, export_paper, fork, import_paper
 
 SYNTHETIC = Environment.load("synthetic")
 MANIFEST = SYNTHETIC.manifest

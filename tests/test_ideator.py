@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from groundloop import events as ev
-from groundloop.environment import Environment, execute
+from groundloop.execution.environment import Environment, execute
 from groundloop.ideator.history import SearchHistory
 from groundloop.ideator.knobs import KnobProposer
 from groundloop.ideator.parsing import DuplicateFilter, parse_ideas
 from groundloop.ideator.service import IdeatorDeps, propose, split_usage
 from groundloop.implementer.service import ImplementerDeps
 from groundloop.implementer.service import handle as implement
-from groundloop.llm import ClientCache, LLMSettings, MissingAPIKey
-from groundloop.pricing import add_usage
+from groundloop.llm.client import ClientCache, LLMSettings, MissingAPIKey
+from groundloop.llm.pricing import add_usage
 from tests.llm_server import FakeLLMServer, Reply
 
 SECRET = "sk-ideator-test"

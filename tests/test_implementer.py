@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from groundloop import events as ev
-from groundloop.applier import make_diff
-from groundloop.environment import Environment
+from groundloop.execution.applier import make_diff
+from groundloop.execution.environment import Environment
 from groundloop.ideator.history import SearchHistory
 from groundloop.ideator.service import IdeatorDeps, propose
 from groundloop.implementer.knob_edit import KnobEditError, knob_sources, set_constants
 from groundloop.implementer.llm_patch import extract_patch
 from groundloop.implementer.service import ImplementerDeps, handle
-from groundloop.llm import ClientCache, LLMError, LLMSettings
-from groundloop.settings import REPO_ROOT
+from groundloop.llm.client import ClientCache, LLMError, LLMSettings
+from tests.paths import REPO_ROOT
 from tests.llm_server import FakeLLMServer, Reply
 
 SECRET = "sk-implementer-test"

@@ -1,4 +1,4 @@
-"""groundloop.llm against a local server speaking the OpenAI / Anthropic wire formats."""
+"""groundloop.llm.client against a local server speaking the OpenAI / Anthropic wire formats."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from groundloop.events import ModelPrice, Usage
-from groundloop.llm import (
+from groundloop.llm.client import (
     DEFAULT_PRICES,
     LLMError,
     LLMRequestRejected,
@@ -18,7 +18,7 @@ from groundloop.llm import (
     make_client,
     price_table,
 )
-from groundloop.pricing import add_usage
+from groundloop.llm.pricing import add_usage
 from tests.llm_server import FakeLLMServer, Reply
 
 SECRET = "sk-test-secret-0123456789"

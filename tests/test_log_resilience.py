@@ -10,9 +10,9 @@ from groundloop.api.projector import project_all
 from groundloop.api.service import run as run_projector
 from groundloop.broker import NatsServer, free_port
 from groundloop.bus import Bus
-from groundloop.replay import rebuild
+from groundloop.api.rebuild import rebuild
 from groundloop.settings import Settings
-from groundloop.store import create_tables, make_engine, table_snapshot
+from groundloop.api.store import create_tables, make_engine, table_snapshot
 from tests.factories import one_search
 
 

@@ -1,6 +1,6 @@
 """The paper-scale environments (nanogpt, grpo-math) at toy size on CPU, through the run protocol.
 
-What is real here: the manifests, the environments' own code, `groundloop.environment.execute`
+What is real here: the manifests, the environments' own code, `groundloop.execution.environment.execute`
 (fresh workspace, sandboxed subprocesses, protected evaluation, metrics → Outcome), tiny
 training on CPU. Nothing is downloaded: smoke mode builds random tokens, a tiny Qwen2 and a
 byte tokenizer in code. GPU checks are marked `gpu` and skipped without CUDA.
@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from groundloop.applier import make_diff
-from groundloop.environment import Environment, execute
-from groundloop.settings import REPO_ROOT
+from groundloop.execution.applier import make_diff
+from groundloop.execution.environment import Environment, execute
+from tests.paths import REPO_ROOT
 
 ENVIRONMENTS = REPO_ROOT / "environments"
 NANOGPT, GRPO_MATH = ENVIRONMENTS / "nanogpt", ENVIRONMENTS / "grpo-math"

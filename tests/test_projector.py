@@ -22,7 +22,7 @@ from groundloop import events as ev
 from groundloop.api import service
 from groundloop.api.projector import FOLDS, apply, project_all
 from groundloop.bus import Bus
-from groundloop.store import (
+from groundloop.api.store import (
     IdeaRow,
     ProcessedEvent,
     RunRow,

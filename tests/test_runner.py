@@ -22,15 +22,16 @@ from pathlib import Path
 import pytest
 
 from groundloop import events as ev
-from groundloop.applier import make_diff
+from groundloop.execution.applier import make_diff
 from groundloop.bus import Bus
 from groundloop.consumer import Delivery
-from groundloop.environment import Environment
+from groundloop.execution.environment import Environment
 from groundloop.runner.containers import ContainerRun, backend_for
 from groundloop.runner.logs import read_log
 from groundloop.runner.service import RunnerDeps, exhausted_handler, handle, run, run_spec
 from groundloop.runner.slots import RunnerSettings, SlotPool, plan_slots
-from groundloop.settings import REPO_ROOT, Settings
+from groundloop.settings import Settings
+from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(90)
 

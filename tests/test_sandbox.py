@@ -1,4 +1,4 @@
-"""groundloop.sandbox with real processes: environment, output, network, limits, and runaway
+"""groundloop.execution.sandbox with real processes: environment, output, network, limits, and runaway
 code that must end within budget + grace leaving no process behind (checked by PID), under
 both containment modes (a cgroup per run where writable, /proc scanning otherwise)."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from groundloop.sandbox import (
+from groundloop.execution.sandbox import (
     Limits,
     _cgroup_parents,
     allowed_environment,
@@ -260,7 +260,7 @@ def test_runs_of_a_killed_supervisor_are_swept(tmp_path: Path):
             textwrap.dedent(f"""
         import sys, textwrap
         from pathlib import Path
-        from groundloop.sandbox import allowed_environment, run_sandboxed
+        from groundloop.execution.sandbox import allowed_environment, run_sandboxed
         code = textwrap.dedent('''
             import os, time
             if os.fork() == 0:

@@ -26,9 +26,10 @@ import pytest
 from groundloop import events as ev
 from groundloop.bus import Bus
 from groundloop.consumer import is_history
-from groundloop.settings import REPO_ROOT, Settings
+from groundloop.settings import Settings
+from tests.paths import REPO_ROOT
 
-CLI = [sys.executable, "-m", "groundloop.cli"]
+CLI = [sys.executable, "-m", "groundloop.cli.main"]
 SYNTHETIC = REPO_ROOT / "environments" / "synthetic"
 TINYGPT = REPO_ROOT / "environments" / "tinygpt"
 

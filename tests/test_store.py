@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from sqlalchemy import inspect, text
 from sqlmodel import Session
 
-from groundloop.store import (
+from groundloop.api.store import (
     PROJECTION_TABLES,
     IdeaRow,
     ProcessedEvent,

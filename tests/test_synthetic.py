@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from groundloop.environment import Environment
-from groundloop.settings import REPO_ROOT
+from groundloop.execution.environment import Environment
+from tests.paths import REPO_ROOT
 
 ROOT = REPO_ROOT / "environments" / "synthetic"
 DEFAULTS = {

@@ -1,4 +1,4 @@
-"""tinygpt end to end through the run protocol (groundloop.environment.execute).
+"""tinygpt end to end through the run protocol (groundloop.execution.environment.execute).
 
 Real workspaces, the real sandbox, real training and the protected evaluation, in smoke mode
 (data.SMOKE_TOKENS training tokens, a 4 KiB validation slice) so each run takes seconds:
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from groundloop.applier import make_diff
-from groundloop.environment import Environment, PatchRejected, ProtectedFileChanged, execute
+from groundloop.execution.applier import make_diff
+from groundloop.execution.environment import Environment, PatchRejected, ProtectedFileChanged, execute
 from groundloop.implementer.knob_edit import knob_sources
-from groundloop.settings import REPO_ROOT
+from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""tinygrpo end to end through the run protocol (groundloop.environment.execute).
+"""tinygrpo end to end through the run protocol (groundloop.execution.environment.execute).
 
 The real prepare step (the supervised warm-up that builds the base policy, cached by digest),
 then real GRPO runs in the sandbox scored by the protected greedy-decoding evaluation: smoke
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from groundloop.applier import make_diff
-from groundloop.environment import Environment, PatchRejected, execute
+from groundloop.execution.applier import make_diff
+from groundloop.execution.environment import Environment, PatchRejected, execute
 from groundloop.implementer.knob_edit import knob_sources
-from groundloop.settings import REPO_ROOT
+from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

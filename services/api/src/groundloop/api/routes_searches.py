@@ -1,0 +1,199 @@
+"""Read routes for searches and what belongs to one: ideas, runs, generations, policies,
+leaderboard."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import func
+from sqlmodel import SQLModel, col, select
+
+from groundloop.api.deps import Limit, Offset, SessionDep, search_or_404
+from groundloop.api.store import GenerationRow, IdeaRow, PatchRow, PolicyRow, RunRow, SearchRow
+
+router = APIRouter(prefix="/searches", tags=["searches"])
+
+
+class SearchDetail(SQLModel):
+    search: SearchRow
+    ideas_by_status: dict[str, int]
+    runs_by_status: dict[str, int]
+    generations: list[GenerationRow]
+    cost_usd: float
+    gpu_seconds: float
+
+
+class LeaderboardEntry(SQLModel):
+    rank: int
+    idea_id: str
+    title: str | None
+    mode: str | None
+    generation: int | None
+    proposer_kind: str | None
+    proposer_model: str | None
+    best_reward: float
+    best_score: float | None
+    best_run_id: str | None
+    mean_reward: float | None  # over the idea's succeeded runs (all seeds and purposes)
+    runs_succeeded: int
+    runs_completed: int
+
+
+@router.get("", response_model=list[SearchRow])
+def list_searches(
+    session: SessionDep, status: str | None = None, limit: Limit = 100, offset: Offset = 0
+) -> list[SearchRow]:
+    query = select(SearchRow)
+    if status is not None:
+        query = query.where(SearchRow.status == status)
+    # Newest first; searches only known from later events (no SearchStarted yet) go last.
+    query = query.order_by(
+        col(SearchRow.started_at).is_(None), col(SearchRow.started_at).desc(), SearchRow.search_id
+    )
+    return list(session.exec(query.offset(offset).limit(limit)))
+
+
+@router.get("/{search_id}", response_model=SearchDetail)
+def get_search(search_id: str, session: SessionDep) -> SearchDetail:
+    search = search_or_404(session, search_id)
+    ideas = session.exec(
+        select(IdeaRow.status, func.count())
+        .where(IdeaRow.search_id == search_id)
+        .group_by(IdeaRow.status)
+    ).all()
+    runs = session.exec(
+        select(RunRow.status, func.count())
+        .where(RunRow.search_id == search_id)
+        .group_by(RunRow.status)
+    ).all()
+    generations = session.exec(
+        select(GenerationRow)
+        .where(GenerationRow.search_id == search_id)
+        .order_by(GenerationRow.generation)
+    ).all()
+    idea_cost = session.exec(
+        select(
+            func.coalesce(func.sum(IdeaRow.cost_usd + IdeaRow.patch_failed_cost_usd), 0.0)
+        ).where(IdeaRow.search_id == search_id)
+    ).one()
+    gpu_seconds = session.exec(
+        select(func.coalesce(func.sum(RunRow.gpu_seconds), 0.0)).where(
+            RunRow.search_id == search_id
+        )
+    ).one()
+    # Ideator spend (and failed implementations') is on ideas; successful implementations' on patches.
+    patch_cost = session.exec(
+        select(func.coalesce(func.sum(PatchRow.cost_usd), 0.0)).where(
+            PatchRow.search_id == search_id
+        )
+    ).one()
+    return SearchDetail(
+        search=search,
+        ideas_by_status=dict(ideas),
+        runs_by_status=dict(runs),
+        generations=list(generations),
+        cost_usd=float(idea_cost + patch_cost),
+        gpu_seconds=float(gpu_seconds),
+    )
+
+
+@router.get("/{search_id}/ideas", response_model=list[IdeaRow])
+def list_ideas(
+    search_id: str,
+    session: SessionDep,
+    generation: int | None = None,
+    status: str | None = None,
+    mode: str | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> list[IdeaRow]:
+    search_or_404(session, search_id)
+    query = select(IdeaRow).where(IdeaRow.search_id == search_id)
+    for column, value in (
+        (IdeaRow.generation, generation),
+        (IdeaRow.status, status),
+        (IdeaRow.mode, mode),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    query = query.order_by(IdeaRow.generation, IdeaRow.proposed_at, IdeaRow.idea_id)
+    return list(session.exec(query.offset(offset).limit(limit)))
+
+
+@router.get("/{search_id}/runs", response_model=list[RunRow])
+def list_runs(
+    search_id: str,
+    session: SessionDep,
+    status: str | None = None,
+    purpose: str | None = None,
+    idea_id: str | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> list[RunRow]:
+    search_or_404(session, search_id)
+    query = select(RunRow).where(RunRow.search_id == search_id)
+    for column, value in (
+        (RunRow.status, status),
+        (RunRow.purpose, purpose),
+        (RunRow.idea_id, idea_id),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    first_seen = func.coalesce(RunRow.requested_at, RunRow.started_at, RunRow.completed_at)
+    query = query.order_by(first_seen, RunRow.run_id)
+    return list(session.exec(query.offset(offset).limit(limit)))
+
+
+@router.get("/{search_id}/generations", response_model=list[GenerationRow])
+def list_generations(search_id: str, session: SessionDep) -> list[GenerationRow]:
+    search_or_404(session, search_id)
+    return list(
+        session.exec(
+            select(GenerationRow)
+            .where(GenerationRow.search_id == search_id)
+            .order_by(GenerationRow.generation)
+        )
+    )
+
+
+@router.get("/{search_id}/policies", response_model=list[PolicyRow])
+def list_policies(search_id: str, session: SessionDep) -> list[PolicyRow]:
+    search_or_404(session, search_id)
+    return list(
+        session.exec(
+            select(PolicyRow)
+            .where(PolicyRow.search_id == search_id)
+            .order_by(PolicyRow.policy_version)
+        )
+    )
+
+
+@router.get("/{search_id}/leaderboard", response_model=list[LeaderboardEntry])
+def leaderboard(
+    search_id: str, session: SessionDep, limit: Limit = 20, include_baseline: bool = True
+) -> list[LeaderboardEntry]:
+    """Ideas with at least one succeeded run, best reward first. Reward is "higher is
+    better" whatever the metric's direction (the manifest's transform makes it so), so no
+    direction is needed here; `best_score` is the raw metric of the idea's best run."""
+    search_or_404(session, search_id)
+    means = (
+        select(RunRow.idea_id, func.avg(RunRow.reward).label("mean_reward"))
+        .where(RunRow.search_id == search_id, RunRow.status == "succeeded")
+        .group_by(RunRow.idea_id)
+        .subquery()
+    )
+    query = (
+        select(IdeaRow, means.c.mean_reward)
+        .join(means, means.c.idea_id == IdeaRow.idea_id, isouter=True)
+        .where(IdeaRow.search_id == search_id, col(IdeaRow.best_reward).is_not(None))
+    )
+    if not include_baseline:
+        query = query.where(col(IdeaRow.mode).is_distinct_from("baseline"))
+    query = query.order_by(col(IdeaRow.best_reward).desc(), IdeaRow.idea_id).limit(limit)
+    return [
+        LeaderboardEntry(
+            rank=rank,
+            mean_reward=mean_reward,
+            **idea.model_dump(include=set(LeaderboardEntry.model_fields)),
+        )
+        for rank, (idea, mean_reward) in enumerate(session.exec(query).all(), start=1)
+    ]

@@ -1,0 +1,188 @@
+"""The `groundloop` command line.
+
+    groundloop search --env tinygpt      run a search end to end (embedded broker, all services)
+    groundloop broker                    run the embedded broker in the foreground
+    groundloop events tail [--search ID] [--follow]
+    groundloop events dead-letters ROLE
+    groundloop replay rebuild            drop the projections and fold the log again
+    groundloop searches                  list searches from the projections
+
+With no GROUNDLOOP_NATS_URL the CLI starts (or reuses) a local nats-server with JetStream
+whose store lives under GROUNDLOOP_DATA_DIR (default ~/.groundloop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from groundloop.broker import DEFAULT_PORT, BrokerError, EmbeddedBroker
+from groundloop.bus import BrokerUnavailable, Bus
+from groundloop.events import Event
+from groundloop.settings import Settings
+from groundloop.telemetry import configure_logging
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0])
+events_app = typer.Typer(no_args_is_help=True, help="Read the event log.")
+replay_app = typer.Typer(no_args_is_help=True, help="Rebuild, re-decide or fork from the log.")
+app.add_typer(events_app, name="events")
+app.add_typer(replay_app, name="replay")
+console = Console()
+
+
+@contextlib.contextmanager
+def connected_settings(settings: Settings) -> Iterator[Settings]:
+    """Settings with a reachable NATS URL: the configured one, or the embedded broker's."""
+    if settings.nats_url:
+        yield settings
+        return
+    try:
+        with EmbeddedBroker(settings.data_dir) as broker:
+            if broker.owned:
+                console.print(f"[dim]embedded nats-server on {broker.url}, store {broker.root}[/]")
+            yield settings.model_copy(update={"nats_url": broker.url})
+    except BrokerError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
+def run_async(coro) -> None:
+    try:
+        asyncio.run(coro)
+    except BrokerUnavailable as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
+def format_event(event: Event) -> str:
+    keys = ("generation", "idea_id", "patch_id", "run_id", "status", "score", "title", "reason")
+    detail = " ".join(f"{k}={getattr(event, k)}" for k in keys if getattr(event, k, None) is not None)
+    return f"{event.occurred_at:%H:%M:%S} {event.search_id} [bold]{event.type}[/] {detail}"  # type: ignore[attr-defined]
+
+
+@app.command()
+def broker(port: Annotated[int, typer.Option(help="client port")] = DEFAULT_PORT) -> None:
+    """Run the embedded broker in the foreground until Ctrl-C."""
+    settings = Settings()
+    configure_logging(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the broker starts: no window for a raw Ctrl-C
+        signal.signal(sig, lambda *_: stop.set())
+    instance = EmbeddedBroker(settings.data_dir, port)
+    with instance:
+        if not instance.owned:
+            console.print(f"a broker for {settings.data_dir} is already running on {instance.url}")
+            return
+        console.print(f"nats-server with JetStream on {instance.url} (store {instance.root}); Ctrl-C stops it")
+        while not stop.wait(0.5):
+            pass
+
+
+@events_app.command("tail")
+def events_tail(
+    search: Annotated[str | None, typer.Option(help="only this search")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
+) -> None:
+    """Print the log (one search or all) in publish order."""
+    settings = Settings()
+    configure_logging(settings)
+
+    async def tail(s: Settings) -> None:
+        bus = await Bus.connect(s, "cli-tail")
+        try:
+            last = 0
+            async for seq, event in bus.raw_events(search):
+                console.print(format_event(event), highlight=False, soft_wrap=True)
+                last = seq
+            while follow:
+                await asyncio.sleep(0.5)
+                async for seq, event in bus.raw_events(search):
+                    if seq > last:
+                        console.print(format_event(event), highlight=False, soft_wrap=True)
+                        last = seq
+        finally:
+            await bus.close()
+
+    with connected_settings(settings) as s:
+        with contextlib.suppress(KeyboardInterrupt):
+            run_async(tail(s))
+
+
+@events_app.command("dead-letters")
+def events_dead_letters(role: str) -> None:
+    """Show the messages a role terminated, with the reasons."""
+    settings = Settings()
+
+    async def show(s: Settings) -> None:
+        bus = await Bus.connect(s, "cli-dlq")
+        try:
+            for headers, body in await bus.dead_letters(role):
+                console.print(f"[red]{headers.get('Groundloop-Reason')}[/] {body[:200]!r}", highlight=False)
+        finally:
+            await bus.close()
+
+    with connected_settings(settings) as s:
+        run_async(show(s))
+
+
+@replay_app.command("rebuild")
+def replay_rebuild() -> None:
+    """Drop the projection tables and replay the whole log into them."""
+    from groundloop.api.rebuild import rebuild
+
+    settings = Settings()
+    configure_logging(settings)
+    with connected_settings(settings) as s:
+        result: list = []
+
+        async def go() -> None:
+            result.append(await rebuild(s))
+
+        run_async(go())
+    report = result[0]
+    console.print(f"rebuilt {settings.resolved_db_url()} from {report.events} events "
+                  f"in {report.seconds:.2f}s ({report.rate:,.0f} events/s)")
+
+
+@app.command()
+def searches() -> None:
+    """List searches from the projections."""
+    from sqlmodel import Session, select
+
+    from groundloop.api.store import SearchRow, create_tables, make_engine
+
+    settings = Settings()
+    engine = make_engine(settings.resolved_db_url())
+    create_tables(engine)
+    table = Table("search", "environment", "strategy", "status", "best score", "baseline", "started")
+    with Session(engine) as session:
+        for row in session.exec(select(SearchRow).order_by(SearchRow.started_at)):
+            table.add_row(row.search_id, row.environment, row.strategy, row.status,
+                          _fmt(row.best_score), _fmt(row.baseline_score), f"{row.started_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def main() -> None:
+    # Imported here: these pull in every service, which the backbone commands don't need.
+    from groundloop.cli import history_commands as history_cli
+    from groundloop.cli import search_job
+
+    search_job.register(app, replay_app)  # `search`
+    history_cli.register(app, replay_app)  # `replay re-decide`, `replay fork`, `export`, `import`
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The evolver service: measures the baseline, runs Algorithm 1 (or best-of-N), closes
+generations, enforces budgets and ends each search with a statistical re-evaluation.
+
+Consumes: SearchStarted, GenerationAdvanced, IdeaProposed, PatchReady, PatchFailed,
+RunRequested, RunStarted, RunCompleted, SearchCompleted (all folded into `SearchState`), plus a
+periodic tick for generation deadlines.
+Emits: RunRequested (purpose baseline / reeval), GenerationAdvanced (exactly once per
+generation: the bus refuses a second on the per-generation subject), SearchCompleted.
+
+    handle(event, deps) -> list[Event]     fold the event, then decide (pure apart from deps)
+    tick(deps) -> list[Event]              decide for every active search (deadlines)
+    await run(settings, stop)              the service on the bus
+    python -m groundloop.evolver           run it alone (GROUNDLOOP_NATS_URL must be set)
+
+The decisions themselves live in decisions.py, Algorithm 1 in algorithm.py, the fold in
+state.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from nats.js.errors import NotFoundError
+
+from groundloop.bus import Bus
+from groundloop.consumer import consume
+from groundloop.execution.environment import Environment
+from groundloop.events import (
+    EVENT_TYPES,
+    Event,
+    GenerationAdvanced,
+    InvalidEvent,
+    PolicyUpdated,
+    decode,
+)
+from groundloop.settings import Settings
+
+from .decisions import (
+    PRODUCER,
+    Clock,
+    Deps,
+    EnvironmentInfo,
+    SystemClock,
+    baseline_run_id,
+    decide,
+    reeval_run_id,
+    seeds_for,
+)
+
+__all__ = [
+    "Clock",
+    "Deps",
+    "EnvironmentInfo",
+    "EvolverLoop",
+    "ManifestLookup",
+    "SystemClock",
+    "baseline_run_id",
+    "decide",
+    "handle",
+    "reeval_run_id",
+    "run",
+    "seeds_for",
+    "tick",
+]
+
+log = logging.getLogger(__name__)
+
+# Everything about a search; PolicyUpdated is the rl-trainer's and changes no decision here.
+CONSUMED_TYPES = tuple(cls for cls in EVENT_TYPES if cls is not PolicyUpdated)
+
+
+def handle(event: Event, deps: Deps) -> list[Event]:
+    """Fold `event` into its search's state, then decide what follows. Handling an event
+    that was already folded decides again on the current state (same ids for the same
+    decisions), which is what makes redelivery harmless."""
+    state = deps.state(event.search_id)
+    state.apply(event)
+    return decide(state, deps, cause=event)
+
+
+def tick(deps: Deps) -> list[Event]:
+    """Deadline check for every active search (called periodically by the run loop)."""
+    outputs: list[Event] = []
+    for state in deps.states.values():
+        outputs.extend(decide(state, deps, cause=None))
+    return outputs
+
+
+class ManifestLookup:
+    """Environment name → manifest, loaded once per name from the environments folder."""
+
+    def __init__(self, environments_dir: Path):
+        self.environments_dir = environments_dir
+        self._cache: dict[str, EnvironmentInfo] = {}
+
+    def __call__(self, name: str) -> EnvironmentInfo:
+        if name not in self._cache:
+            self._cache[name] = Environment.load(name, self.environments_dir).manifest
+        return self._cache[name]
+
+
+class EvolverLoop:
+    """`handle` on the bus. Outputs are published here (not by `consume`) so that each one
+    the log accepted is folded at once and the next decision sees it; a duplicate or refused
+    output is not folded (the log holds another copy, which arrives in turn).
+
+    Replicas share the durable consumer, so each sees only some events. Before deciding on
+    the event at stream sequence S, a replica folds every message between the last one it
+    folded and S (direct gets; with one replica that gap holds only types it does not
+    consume), so every decision is made on the log prefix up to its trigger. Each deadline
+    tick first folds the log up to its current end, so an idle replica is never stale."""
+
+    def __init__(self, bus: Bus, deps: Deps):
+        self.bus, self.deps = bus, deps
+        self.lock = asyncio.Lock()  # the consumer and the ticker never decide at once
+        self.last_seq = 0
+
+    async def rebuild(self) -> None:
+        """Fold the whole log, then decide once for every search: a decision made before a
+        crash but never published is published now."""
+        count = 0
+        async for seq, event in self.bus.raw_events():
+            self.deps.state(event.search_id).apply(event)
+            self.last_seq, count = max(self.last_seq, seq), count + 1
+        active = sum(1 for s in self.deps.states.values() if s.started and not s.completed)
+        log.info(
+            "evolver: rebuilt %d searches (%d active) from %d events",
+            len(self.deps.states),
+            active,
+            count,
+        )
+        async with self.lock:
+            await self._publish(tick(self.deps))
+
+    async def on_event(self, event: Event, delivery: Any) -> list[Event]:
+        async with self.lock:
+            msg = getattr(delivery, "msg", None)
+            if msg is not None:
+                await self._catch_up(msg.metadata.sequence.stream)
+            await self._publish(handle(event, self.deps))
+        return []
+
+    async def _catch_up(self, seq: int) -> None:
+        """Fold every message before stream sequence `seq` not yet folded."""
+        for missing in range(self.last_seq + 1, seq):
+            try:
+                stored = await self.bus.js.get_msg(self.bus.settings.stream, missing)
+                event = decode(stored.data)
+            except NotFoundError:
+                continue
+            except InvalidEvent as exc:  # the consumer dead-letters it; folding skips it
+                log.warning(
+                    "evolver: skipping undecodable message at stream seq %d: %s", missing, exc
+                )
+                continue
+            self.deps.state(event.search_id).apply(event)
+        self.last_seq = max(self.last_seq, seq)
+
+    async def tick_forever(self, stop: asyncio.Event, period: float) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=period)
+            except TimeoutError:
+                pass
+            if stop.is_set():
+                return
+            try:
+                async with self.lock:
+                    # Fold what other replicas consumed meanwhile, so that an idle replica
+                    # never decides on a stale state.
+                    await self._catch_up((await self.bus.stream_state())["last_seq"] + 1)
+                    await self._publish(tick(self.deps))
+            except Exception:  # the loop boundary: a failed tick is retried by the next one
+                log.exception("evolver: deadline tick failed")
+
+    async def _publish(self, outputs: list[Event]) -> None:
+        for out in outputs:
+            result = await self.bus.publish(
+                out, once_per_subject=isinstance(out, GenerationAdvanced)
+            )
+            if result.refused or result.duplicate:
+                log.info(
+                    "evolver: %s %s already in the log (%s)",
+                    out.type,
+                    out.event_id,
+                    "refused" if result.refused else "duplicate",
+                )
+                continue
+            log.info(
+                "evolver: published %s %s for search %s", out.type, out.event_id, out.search_id
+            )
+            self.deps.state(out.search_id).apply(out)
+            if result.seq == self.last_seq + 1:  # nothing else landed in between: no gap to read
+                self.last_seq = result.seq
+
+
+async def run(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    *,
+    tick_s: float = 1.0,
+    deps: Deps | None = None,
+) -> None:
+    """Rebuild every search's state from the log, then consume events and tick for deadlines
+    until `stop` is set."""
+    stop = stop or asyncio.Event()
+    deps = deps or Deps(environments=ManifestLookup(settings.environments_dir))
+    bus = await Bus.connect(settings, name=PRODUCER)
+    try:
+        loop = EvolverLoop(bus, deps)
+        await loop.rebuild()
+        filters = [bus.subject_filter(type=cls.TYPE) for cls in CONSUMED_TYPES]
+        ticker = asyncio.create_task(loop.tick_forever(stop, tick_s))
+        try:
+            # history=True: copied (forked/imported) events are part of the state it decides on
+            await consume(bus, PRODUCER, filters, loop.on_event, stop=stop, history=True)
+        finally:
+            stop.set()
+            await ticker
+    finally:
+        await bus.close()

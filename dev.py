@@ -3,6 +3,7 @@
 
     python3 dev.py search [ARGS]   venv + install, then `groundloop search --env tinygpt ARGS`
     python3 dev.py test [ARGS]     venv + install, then `python -m pytest ARGS`
+    python3 dev.py check           venv + install, then ruff format --check, ruff lint, pyright
     python3 dev.py setup           venv + install only
     python3 dev.py run CMD [ARGS]  venv + install, then any command inside the venv
 
@@ -80,6 +81,23 @@ def link_environments() -> None:
     target.symlink_to(ROOT / "environments", target_is_directory=True)
 
 
+def check() -> int:
+    """The static checks CI runs before the tests; each must be clean."""
+    steps = [
+        [BIN / "ruff", "format", "--check", "."],
+        [BIN / "ruff", "check", "."],
+        [BIN / "pyright"],
+    ]
+    failed = []
+    for step in steps:
+        print("+", " ".join(str(s) for s in step), flush=True)
+        if subprocess.call([str(s) for s in step], cwd=ROOT) != 0:
+            failed.append(step[1] if step[0].name == "ruff" else step[0].name)
+    if failed:
+        print(f"checks failed: {', '.join(map(str, failed))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -93,6 +111,8 @@ def main(argv: list[str]) -> int:
         cmd = [str(BIN / "groundloop"), "search", *args]
     elif command == "test":
         cmd = [str(PYTHON), "-m", "pytest", *rest]
+    elif command == "check":
+        return check()
     elif command == "run":
         cmd = [str(BIN / rest[0]) if (BIN / rest[0]).exists() else rest[0], *rest[1:]]
     else:

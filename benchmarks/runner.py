@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/runner.py [--latency-runs 40] [--util-backlog 8]
         [--util-slots 4] [--util-seconds 10] [--scale 1,4,16,64] [--scale-seconds 5]
-        [--scale-waves 2]
+        [--scale-waves 2] [--sandbox-runs 30]
 
 Starts its own nats-server (temporary store) and runs the real runner service (replicas are
 asyncio tasks of this one process, each with its own NATS connection and durable-consumer
@@ -14,7 +14,10 @@ share) on a copy of the synthetic environment. Patches are real diffs that set S
   the fraction of slot time spent running environment code (sum of RunCompleted.wall_seconds
   over slots × makespan, from the first RunStarted to the last RunCompleted);
 - scaling: R replicas × 1 slot each, R × waves runs of `scale-seconds`; throughput as a
-  fraction of ideal (R / scale-seconds runs per second).
+  fraction of ideal (R / scale-seconds runs per second);
+- sandbox overhead (`--sandbox-runs N`, no broker needed): `python -c pass` N times through
+  run_sandboxed as a plain process group and inside bubblewrap (with a resident-memory
+  cgroup), wall time per run; the difference is what isolation adds to every run.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ import time
 from pathlib import Path
 
 from groundloop import events as ev
-from groundloop.execution.applier import make_diff
 from groundloop.broker import NatsServer, free_port
 from groundloop.bus import Bus
+from groundloop.execution.applier import make_diff
 from groundloop.execution.environment import Environment
 from groundloop.runner.service import run
 from groundloop.runner.slots import RunnerSettings
@@ -206,7 +209,43 @@ async def scaling(
         )
 
 
+def sandbox_overhead(runs: int) -> None:
+    from groundloop.execution.bubblewrap import bwrap_error, host_protections
+    from groundloop.execution.sandbox import Limits, allowed_environment, run_sandboxed
+
+    started = time.perf_counter()
+    protections = host_protections()
+    print(f"sandbox: host probe (once per process) {(time.perf_counter() - started) * 1000:.0f} ms")
+    variants = {"plain process group": Limits(isolate=False)}
+    if bwrap_error() is None:
+        variants["bwrap + memory cgroup"] = Limits(isolate=True, resident_memory_bytes=1 << 30)
+    else:
+        print(f"sandbox: bwrap not measured: {bwrap_error()}")
+    with tempfile.TemporaryDirectory(prefix="groundloop-bench-sandbox-") as tmp:
+        work = Path(tmp)
+        env = allowed_environment({}, work)
+        for name, limits in variants.items():
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                result = run_sandboxed(
+                    [sys.executable, "-c", "pass"], cwd=work, env=env, wall_seconds=30,
+                    limits=limits,
+                )  # fmt: skip
+                times.append((time.perf_counter() - t0) * 1000)
+                assert result.returncode == 0, result.output_tail
+            times.sort()
+            p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+            print(
+                f"sandbox overhead, {name}, {runs} runs of `python -c pass`: "
+                f"p50 {statistics.median(times):.1f} ms, p95 {p95:.1f} ms"
+            )
+    print(f"sandbox protections here: {protections}")
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.sandbox_runs:
+        sandbox_overhead(args.sandbox_runs)
     with tempfile.TemporaryDirectory(prefix="groundloop-bench-") as tmp:
         root = Path(tmp)
         envs = root / "envs"
@@ -239,7 +278,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--latency-runs", type=int, default=40)
     parser.add_argument("--util-backlog", type=int, default=8)
     parser.add_argument("--util-slots", type=int, default=4)
@@ -247,5 +286,6 @@ if __name__ == "__main__":
     parser.add_argument("--scale", default="1,4,16,64")
     parser.add_argument("--scale-seconds", type=float, default=5.0)
     parser.add_argument("--scale-waves", type=int, default=2)
+    parser.add_argument("--sandbox-runs", type=int, default=30)
     logging.basicConfig(level=logging.ERROR)
     asyncio.run(main(parser.parse_args()))

@@ -1,7 +1,7 @@
 """Database fixtures for projection tests: a fresh SQLite file, and a fresh PostgreSQL database
 per test when one is reachable at 127.0.0.1:5432 (trust auth, user postgres), else a skip.
 
-Import the fixtures into a test module: `from tests.databases import db_url, pg_url  # noqa: F401`.
+The repo-root conftest.py registers this module as a plugin, so any test can take `db_url`.
 """
 
 from __future__ import annotations

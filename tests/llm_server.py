@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from groundloop.llm.client import LLMSettings
+
 
 @dataclass
 class Reply:
@@ -209,3 +211,20 @@ class FakeLLMServer:
             "stop_sequence": None,
             "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
         }
+
+
+def fast_settings(server: FakeLLMServer, secret: str, **overrides: Any) -> LLMSettings:
+    """Client settings that reach `server` with `secret` as both keys and back off for
+    milliseconds, not seconds, so retry tests stay fast; `overrides` replace any field."""
+    values: dict[str, Any] = dict(
+        openai_api_key=secret,
+        anthropic_api_key=secret,
+        openai_base_url=server.openai_base_url,
+        anthropic_base_url=server.anthropic_base_url,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
+        timeout_s=10,
+        max_total_s=20,
+    )
+    values.update(overrides)
+    return LLMSettings(**values)

@@ -6,29 +6,28 @@ import asyncio
 import time
 from pathlib import Path
 
+from sqlalchemy import text
+
 from groundloop.api.projector import project_all
+from groundloop.api.rebuild import rebuild
 from groundloop.api.service import run as run_projector
+from groundloop.api.store import create_tables, make_engine, table_snapshot
 from groundloop.broker import NatsServer, free_port
 from groundloop.bus import Bus
-from groundloop.api.rebuild import rebuild
 from groundloop.settings import Settings
-from groundloop.api.store import create_tables, make_engine, table_snapshot
 from tests.factories import one_search
+from tests.waiting import eventually
 
 
 async def projected(engine, count: int, timeout: float = 60.0) -> None:
     """Wait until the projector has recorded `count` processed events."""
-    from sqlalchemy import text
-
     create_tables(engine)  # the projector may not have started yet
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+
+    def done() -> bool:
         with engine.connect() as conn:
-            done = conn.execute(text("select count(*) from processed_events")).scalar()
-        if done >= count:
-            return
-        assert asyncio.get_running_loop().time() < deadline, f"projected {done} of {count}"
-        await asyncio.sleep(0.1)
+            return conn.execute(text("select count(*) from processed_events")).scalar() >= count
+
+    await eventually(done, timeout=timeout, what=f"{count} events projected")
 
 
 def expected_tables(events, tmp_path: Path) -> dict:
@@ -60,8 +59,12 @@ async def test_rebuild_gives_identical_tables(settings: Settings, tmp_path: Path
 
 async def test_broker_sigkill_mid_stream_loses_nothing_and_projects_once(tmp_path: Path):
     server = NatsServer(tmp_path / "nats", free_port()).start()
-    settings = Settings(nats_url=server.url, data_dir=tmp_path / "data",
-                        db_url=f"sqlite:///{tmp_path / 'p.db'}", ack_wait_s=2.0)
+    settings = Settings(
+        nats_url=server.url,
+        data_dir=tmp_path / "data",
+        db_url=f"sqlite:///{tmp_path / 'p.db'}",
+        ack_wait_s=2.0,
+    )
     events = [e for i in range(6) for e in one_search(f"crash{i}", ideas=4)]
     half = len(events) // 2
     publisher = await Bus.connect(settings, "publisher")
@@ -73,7 +76,7 @@ async def test_broker_sigkill_mid_stream_loses_nothing_and_projects_once(tmp_pat
         server.kill()  # SIGKILL: no flush, no goodbye
 
         def restart_later() -> None:
-            time.sleep(1.0)
+            time.sleep(1.0)  # the scenario: the broker stays down while events are published
             server.start()
 
         restart = asyncio.get_running_loop().run_in_executor(None, restart_later)

@@ -28,6 +28,7 @@ from groundloop.bus import Bus
 from groundloop.consumer import is_history
 from groundloop.settings import Settings
 from tests.paths import REPO_ROOT
+from tests.waiting import eventually_sync
 
 CLI = [sys.executable, "-m", "groundloop.cli.main"]
 SYNTHETIC = REPO_ROOT / "environments" / "synthetic"
@@ -35,10 +36,17 @@ TINYGPT = REPO_ROOT / "environments" / "tinygpt"
 
 
 def cli_env(settings: Settings) -> dict[str, str]:
-    values = {"nats_url": settings.nats_url, "data_dir": settings.data_dir, "db_url": settings.db_url,
-              "subject_prefix": settings.subject_prefix, "stream": settings.stream,
-              "dlq_stream": settings.dlq_stream, "artifacts_bucket": settings.artifacts_bucket,
-              "ack_wait_s": settings.ack_wait_s, "environments_dir": settings.environments_dir}
+    values = {
+        "nats_url": settings.nats_url,
+        "data_dir": settings.data_dir,
+        "db_url": settings.db_url,
+        "subject_prefix": settings.subject_prefix,
+        "stream": settings.stream,
+        "dlq_stream": settings.dlq_stream,
+        "artifacts_bucket": settings.artifacts_bucket,
+        "ack_wait_s": settings.ack_wait_s,
+        "environments_dir": settings.environments_dir,
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")}
     wide = {"COLUMNS": "250"}  # Rich wraps at the terminal width; keep each message on one line
     return {**env, **wide, **{f"GROUNDLOOP_{k.upper()}": str(v) for k, v in values.items()}}
@@ -50,21 +58,31 @@ def groundloop(settings: Settings, *args: str, timeout: float = 120) -> str:
     out = settings.data_dir.parent / f"cli-{time.monotonic_ns()}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as fh:
-        proc = subprocess.Popen([*CLI, *args], env=cli_env(settings), stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*CLI, *args],
+            env=cli_env(settings),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            pytest.fail(f"groundloop {' '.join(args)} ran over {timeout:.0f}s:\n{out.read_text()[-4000:]}")
+            pytest.fail(
+                f"groundloop {' '.join(args)} ran over {timeout:.0f}s:\n{out.read_text()[-4000:]}"
+            )
     text = out.read_text()
-    assert proc.returncode == 0, f"groundloop {' '.join(args)} exited {proc.returncode}:\n{text[-4000:]}"
+    assert proc.returncode == 0, (
+        f"groundloop {' '.join(args)} exited {proc.returncode}:\n{text[-4000:]}"
+    )
     return text
 
 
-def search(settings: Settings, search_id: str, *args: str, env: str = "synthetic",
-           timeout: float = 120) -> Path:
+def search(
+    settings: Settings, search_id: str, *args: str, env: str = "synthetic", timeout: float = 120
+) -> Path:
     groundloop(settings, "search", "--env", env, "--search-id", search_id, *args, timeout=timeout)
     return settings.data_dir / "reports" / search_id
 
@@ -84,15 +102,30 @@ def of(events: list[ev.Event], cls: type[ev.Event]) -> list:
     return [e for e in events if isinstance(e, cls)]
 
 
-def settings_for(nats_url: str, root: Path, tag: str, environments_dir: Path | None = None) -> Settings:
-    return Settings(nats_url=nats_url, data_dir=root / "data", db_url=f"sqlite:///{root / 'projections.db'}",
-                    subject_prefix=f"e2e{tag.lower()}", stream=f"GL_E2E_{tag}", dlq_stream=f"GLDLQ_E2E_{tag}",
-                    artifacts_bucket=f"art_e2e_{tag.lower()}", ack_wait_s=2.0,
-                    **({"environments_dir": environments_dir} if environments_dir else {}))
+def settings_for(
+    nats_url: str, root: Path, tag: str, environments_dir: Path | None = None
+) -> Settings:
+    return Settings(
+        nats_url=nats_url,
+        data_dir=root / "data",
+        db_url=f"sqlite:///{root / 'projections.db'}",
+        subject_prefix=f"e2e{tag.lower()}",
+        stream=f"GL_E2E_{tag}",
+        dlq_stream=f"GLDLQ_E2E_{tag}",
+        artifacts_bucket=f"art_e2e_{tag.lower()}",
+        ack_wait_s=2.0,
+        **({"environments_dir": environments_dir} if environments_dir else {}),
+    )
 
 
 def assert_report(report: Path) -> None:
-    for name in ("leaderboard.md", "leaderboard.csv", "summary.json", "best.patch", "best_so_far.png"):
+    for name in (
+        "leaderboard.md",
+        "leaderboard.csv",
+        "summary.json",
+        "best.patch",
+        "best_so_far.png",
+    ):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, f"{name} missing"
     assert (report / "best_so_far.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((report / "summary.json").read_text())["search"]["status"] == "completed"
@@ -159,12 +192,24 @@ def test_a_run_budget_stops_the_search_and_says_why(shared: Settings) -> None:
 def test_re_decide_reproduces_every_decision(evolution: Recorded) -> None:
     out = groundloop(evolution.settings, "replay", "re-decide", "evo")
     decisions = [e for e in evolution.log if e.producer == "evolver"]
-    assert re.search(rf"{len(decisions)} recorded decisions, {len(decisions)} re-decided: same decisions", out), out
+    assert re.search(
+        rf"{len(decisions)} recorded decisions, {len(decisions)} re-decided: same decisions", out
+    ), out
 
 
 def test_fork_from_generation_1_continues_with_best_of_n(evolution: Recorded) -> None:
-    out = groundloop(evolution.settings, "replay", "fork", "evo", "--from-generation", "1",
-                     "--strategy", "best_of_n", "--new-id", "evo-fork")
+    out = groundloop(
+        evolution.settings,
+        "replay",
+        "fork",
+        "evo",
+        "--from-generation",
+        "1",
+        "--strategy",
+        "best_of_n",
+        "--new-id",
+        "evo-fork",
+    )
     assert "report in" in out
     log = log_of(evolution.settings, "evo-fork")
     copied = [e for e in log if is_history(e)]
@@ -188,10 +233,21 @@ def test_fork_from_generation_1_continues_with_best_of_n(evolution: Recorded) ->
     with (report / "leaderboard.csv").open() as fh:  # the copied generation is part of the fork
         assert sorted(int(row["generation"]) for row in csv.DictReader(fh)) == [0, 0, 0, 1, 1, 1]
     assert "same decisions" in groundloop(evolution.settings, "replay", "re-decide", "evo-fork")
-    again = groundloop(evolution.settings, "replay", "fork", "evo", "--from-generation", "1",
-                       "--strategy", "best_of_n", "--new-id", "evo-fork")
-    assert "events of generations" not in again and [e.event_id for e in log_of(evolution.settings, "evo-fork")] == [
-        e.event_id for e in log]  # re-running the command finds it complete: nothing new
+    again = groundloop(
+        evolution.settings,
+        "replay",
+        "fork",
+        "evo",
+        "--from-generation",
+        "1",
+        "--strategy",
+        "best_of_n",
+        "--new-id",
+        "evo-fork",
+    )
+    assert "events of generations" not in again and [
+        e.event_id for e in log_of(evolution.settings, "evo-fork")
+    ] == [e.event_id for e in log]  # re-running the command finds it complete: nothing new
 
 
 def test_export_then_import_round_trips(evolution: Recorded, tmp_path: Path) -> None:
@@ -202,7 +258,9 @@ def test_export_then_import_round_trips(evolution: Recorded, tmp_path: Path) -> 
     assert len(rows) == len(of(evolution.log, ev.IdeaProposed)) == 6
     assert all(r["env"] == "synthetic" and r["ideator_model"] == "knobs" for r in rows)
     assert all(isinstance(r["result"], float) for r in rows if r["code_diff"])
-    out = groundloop(settings, "import", str(first), "--env", "synthetic", "--search-id", "evo-imported")
+    out = groundloop(
+        settings, "import", str(first), "--env", "synthetic", "--search-id", "evo-imported"
+    )
     assert "evo-imported" in out
     groundloop(settings, "export", "evo-imported", "--format", "paper", "-o", str(second))
     assert second.read_text() == first.read_text()
@@ -211,7 +269,9 @@ def test_export_then_import_round_trips(evolution: Recorded, tmp_path: Path) -> 
     assert isinstance(imported[-1], ev.SearchStarted) and imported[-2].reason == "imported"
 
     # published trajectories can be forked; the services, running now, act on no imported fact
-    groundloop(settings, "replay", "fork", "evo-imported", "--from-generation", "1", "--new-id", "imp-fork")
+    groundloop(
+        settings, "replay", "fork", "evo-imported", "--from-generation", "1", "--new-id", "imp-fork"
+    )
     assert [e.event_id for e in log_of(settings, "evo-imported")] == [e.event_id for e in imported]
     fork_log = log_of(settings, "imp-fork")
     assert [g.generation for g in of(fork_log, ev.GenerationAdvanced) if not is_history(g)] == [1]
@@ -232,16 +292,36 @@ def test_resume_after_sigkill_runs_no_completed_run_again(nats_server, tmp_path:
     config = envs / "synthetic" / "config.py"  # slower runs (a different env, its own digest)
     config.write_text(config.read_text().replace("SLEEP_SECONDS = 0.0", "SLEEP_SECONDS = 0.4"))
     settings = settings_for(nats_server.url, tmp_path, "KILL", envs)
-    command = [*CLI, "search", "--env", "synthetic", "--search-id", "killed", "--generations", "2", "--ideas", "3"]
+    command = [
+        *CLI,
+        "search",
+        "--env",
+        "synthetic",
+        "--search-id",
+        "killed",
+        "--generations",
+        "2",
+        "--ideas",
+        "3",
+    ]
     with (tmp_path / "first.log").open("w") as fh:
-        first = subprocess.Popen(command, env=cli_env(settings), stdout=fh, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        first = subprocess.Popen(
+            command,
+            env=cli_env(settings),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        deadline = time.monotonic() + 90
-        while not [r for r in of(log_of(settings, "killed"), ev.RunCompleted) if r.purpose == "search"]:
+
+        def a_search_run_completed() -> bool:
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no search run completed in 90 s"
-            time.sleep(0.2)
+            runs = of(log_of(settings, "killed"), ev.RunCompleted)
+            return any(r.purpose == "search" for r in runs)
+
+        eventually_sync(
+            a_search_run_completed, timeout=90, what="a search run completing", interval=0.2
+        )
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -250,7 +330,7 @@ def test_resume_after_sigkill_runs_no_completed_run_again(nats_server, tmp_path:
     completed = {r.run_id for r in of(before, ev.RunCompleted)}
     seen = {e.event_id for e in before}
 
-    groundloop(settings, *command[len(CLI):])
+    groundloop(settings, *command[len(CLI) :])
     after = [e for e in log_of(settings, "killed") if e.event_id not in seen]
     restarted = [r.run_id for r in of(after, ev.RunStarted) if r.run_id in completed]
     assert not restarted, f"runs completed before the kill started again: {restarted}"
@@ -271,17 +351,33 @@ def test_tinygpt_with_a_tiny_token_budget(nats_server, tmp_path: Path) -> None:
     shutil.copytree(TINYGPT, envs / "tinygpt", ignore=shutil.ignore_patterns("__pycache__", "out"))
     data = envs / "tinygpt" / "data.py"
     text = data.read_text()
-    for constant, value in (("TOKEN_BUDGET", "8_192"), ("SMOKE_TOKENS", "2_048"), ("EVAL_TOKENS", "4_096")):
+    for constant, value in (
+        ("TOKEN_BUDGET", "8_192"),
+        ("SMOKE_TOKENS", "2_048"),
+        ("EVAL_TOKENS", "4_096"),
+    ):
         text, count = re.subn(rf"^{constant} = [0-9_]+", f"{constant} = {value}", text, flags=re.M)
         assert count == 1, f"tinygpt's data.py has no {constant} constant any more"
     data.write_text(text)
     settings = settings_for(nats_server.url, tmp_path, "TINY", envs)
-    report = search(settings, "tiny", "--generations", "1", "--ideas", "2", "--final-seeds", "1",
-                    env="tinygpt", timeout=420)
+    report = search(
+        settings,
+        "tiny",
+        "--generations",
+        "1",
+        "--ideas",
+        "2",
+        "--final-seeds",
+        "1",
+        env="tinygpt",
+        timeout=420,
+    )
     log = log_of(settings, "tiny")
     (done,) = of(log, ev.SearchCompleted)
     assert done.reason == "completed 1 generations", done
     baseline = [r for r in of(log, ev.RunCompleted) if r.purpose == "baseline"]
-    assert baseline and all(r.status == "succeeded" and 0.3 < r.score < 6.0 for r in baseline), baseline
+    assert baseline and all(r.status == "succeeded" and 0.3 < r.score < 6.0 for r in baseline), (
+        baseline
+    )
     assert len(of(log, ev.IdeaProposed)) == 2
     assert (report / "leaderboard.md").is_file() and (report / "summary.json").is_file()

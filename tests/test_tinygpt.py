@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 
 from groundloop.execution.applier import make_diff
-from groundloop.execution.environment import Environment, PatchRejected, ProtectedFileChanged, execute
+from groundloop.execution.environment import (
+    Environment,
+    PatchRejected,
+    ProtectedFileChanged,
+    execute,
+)
 from groundloop.implementer.knob_edit import knob_sources
 from tests.paths import REPO_ROOT
 

@@ -12,14 +12,21 @@ under GROUNDLOOP_CACHE_DIR when that is set.
 The budget: TOKEN_BUDGET training tokens (batch_size * block_size per batch), shared by every
 batch iterator in the process. Smoke runs (GROUNDLOOP_SMOKE=1 or train.py --smoke) get
 SMOKE_TOKENS. GROUNDLOOP_TINYGPT_TOKENS can only lower the budget, for running the commands by
-hand (the runner's sandbox does not pass it through). Nothing here can raise it, and editable
-code that reads the corpus itself could bypass it: the hard limit is the runner's wall clock.
+hand (the runner's sandbox does not pass it through). Under the protected budget_guard.py (the
+manifest's entrypoint) the budget is counted and cut in the guard's process, not here: the
+guard calls `serve` and training reads its batches from GROUNDLOOP_DATA_FD, and the corpus
+files (`unreadable_paths`) are unreadable to training (Landlock), so resetting or patching
+this module, opening a second iterator or reading the corpus itself buys no extra token.
+Without the guard (a hand run) the in-process counter below is the only limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
+import struct
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +174,9 @@ def train_batches(
     Each batch costs batch_size * block_size tokens; the last batch that fits is the last one.
     Window positions come from a generator seeded with `seed`, so a run is reproducible.
     """
+    if served := _served_batches(batch_size, block_size, seed, device):
+        yield from served
+        return
     train = load_split("train")
     if block_size + 1 >= len(train):
         raise ValueError(
@@ -184,8 +194,123 @@ def train_batches(
 
 def steps_in_budget(batch_size: int, block_size: int, smoke: bool = False) -> int:
     """How many batches train_batches will yield (for learning-rate schedules)."""
+    if (remote := _ask_remaining()) is not None:
+        return (remote[1] - remote[0]) // (batch_size * block_size)
     return (token_budget(smoke) - _tokens_served) // (batch_size * block_size)
 
 
 def tokens_served() -> int:
+    if (remote := _ask_remaining()) is not None:
+        return remote[0]
     return _tokens_served
+
+
+# ------------------------------------------------- serving under budget_guard.py (protected)
+# Requests: b"O" + seed (q) opens a stream and answers its id (i); b"B" + stream, batch, block
+# (iii) answers batch * (block + 1) window bytes, or nothing once the budget is spent; b"R"
+# answers (served, budget) (qq). Every answer is framed by its length (I).
+
+
+def unreadable_paths() -> list[Path]:
+    """The corpus as files: training must get its bytes only from the guard's stream."""
+    load_corpus()  # builds the cached copy now, so it exists when the ruleset is made
+    paths = [Path(sysconfig.get_paths()["stdlib"]) / name for name in STDLIB_FILES]
+    if custom := os.environ.get("GROUNDLOOP_TINYGPT_CORPUS"):
+        paths.append(Path(custom))
+    if cache_dir := os.environ.get("GROUNDLOOP_CACHE_DIR"):
+        paths.extend(Path(cache_dir).glob("tinygpt-corpus-*"))
+    return paths
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(left)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _send(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(struct.pack("<I", len(payload)) + payload)
+
+
+def serve(sock: socket.socket, seed: int, smoke: bool) -> dict:
+    """The guard's side: serve train windows until the budget is spent; return the count."""
+    train = load_split("train")
+    budget, served, streams = token_budget(smoke), 0, []
+    offsets_for: dict[int, torch.Tensor] = {}
+    refused = 0
+    with contextlib.suppress(EOFError, OSError):
+        while True:
+            kind = _recv_exact(sock, 1)
+            if kind == b"O":
+                (stream_seed,) = struct.unpack("<q", _recv_exact(sock, 8))
+                streams.append(torch.Generator().manual_seed(stream_seed))
+                _send(sock, struct.pack("<i", len(streams) - 1))
+            elif kind == b"R":
+                _send(sock, struct.pack("<qq", served, budget))
+            elif kind == b"B":
+                stream, batch, block = struct.unpack("<iii", _recv_exact(sock, 12))
+                cost = batch * block
+                if not (0 <= stream < len(streams) and batch > 0 and 0 < block < len(train) - 1):
+                    _send(sock, b"")
+                    continue
+                if served + cost > budget:
+                    refused += 1
+                    _send(sock, b"")
+                    continue
+                served += cost
+                offsets = offsets_for.setdefault(block, torch.arange(block + 1))
+                starts = torch.randint(
+                    len(train) - block - 1, (batch, 1), generator=streams[stream]
+                )
+                _send(sock, train[starts + offsets].numpy().tobytes())
+            else:
+                break
+    return {"tokens": served, "token_budget": budget, "refused_requests": refused}
+
+
+def _guard_socket() -> socket.socket | None:
+    fd = os.environ.get("GROUNDLOOP_DATA_FD")
+    if not fd:
+        return None
+    global _socket
+    if _socket is None:
+        _socket = socket.socket(fileno=int(fd))
+    return _socket
+
+
+_socket: socket.socket | None = None
+
+
+def _ask(sock: socket.socket, request: bytes) -> bytes:
+    sock.sendall(request)
+    (size,) = struct.unpack("<I", _recv_exact(sock, 4))
+    return _recv_exact(sock, size)
+
+
+def _ask_remaining() -> tuple[int, int] | None:
+    if (sock := _guard_socket()) is None:
+        return None
+    return struct.unpack("<qq", _ask(sock, b"R"))
+
+
+def _served_batches(batch_size: int, block_size: int, seed: int, device: str):
+    if (sock := _guard_socket()) is None:
+        return None
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        (stream,) = struct.unpack("<i", _ask(sock, b"O" + struct.pack("<q", seed)))
+        while True:
+            request = b"B" + struct.pack("<iii", stream, batch_size, block_size)
+            payload = _ask(sock, request)
+            if not payload:
+                return
+            window = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            window = window.view(batch_size, block_size + 1).long()
+            yield window[:, :-1].to(device), window[:, 1:].to(device)
+
+    return batches()

@@ -12,6 +12,10 @@ or, when the model's logits at a position depend on later tokens,
   {"rejected": "future-token leak detected at position t: ..."} and exit status 3
 (also for code from train.py that alters the evaluation while it runs).
 
+Before any editable code runs, the protected budget_guard.py's ledger (out/budget_ledger.json)
+must show the run within its token and CPU budget and name this checkpoint's sha256, or the
+run is rejected. train.py is imported only in a worker process (--model-worker) that cannot
+read the corpus (Landlock) nor this process; it answers logits for one window at a time.
 The loss is computed here from the model's logits, never by model code. Windows are scored one
 at a time (batch of 1), in order, so no window can see another's future. The probe runs on
 random byte sequences first, then on every scored window: the window is run again with the
@@ -23,18 +27,24 @@ Run: python evaluate.py (in the workspace, after train.py). GROUNDLOOP_SPLIT: va
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import math
 import os
+import struct
+import subprocess
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
+import budget_guard
 import data
 import torch
 import torch.nn.functional as F
 
 CHECKPOINT = Path("out/ckpt.pt")
+LEDGER = budget_guard.LEDGER
 MAX_EVAL_WINDOW = 1024  # longest window scored at once, whatever the model's context
 PROBE_TOLERANCE = 1e-5  # max |Δlogit| allowed at positions ≤ t when tokens after t change
 PROBE_SEQUENCES = 3
@@ -84,11 +94,97 @@ def check_untouched(before: dict[str, int]) -> None:
         )
 
 
-def load_model():
-    if not CHECKPOINT.is_file():
+def check_ledger() -> dict:
+    """The protected guard's account of training, checked before any editable code runs."""
+    if LEDGER.is_symlink() or not LEDGER.is_file():
+        raise Rejected(
+            f"no budget ledger at {LEDGER}: training must be started by the protected "
+            "budget_guard.py (the manifest's entrypoint), which counts its compute"
+        )
+    ledger = json.loads(LEDGER.read_text())
+    if ledger.get("exceeded"):
+        raise Rejected(f"training exceeded its compute budget: {ledger['exceeded']}")
+    served = ledger.get("served", {})
+    if served.get("tokens", 0) > data.TOKEN_BUDGET:
+        raise Rejected(f"training was served {served['tokens']} tokens, over the budget")
+    recorded = ledger.get("outputs", {}).get(str(CHECKPOINT))
+    actual = hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest() if CHECKPOINT.is_file() else None
+    if actual is None:
         raise SystemExit(
             f"evaluate: {CHECKPOINT} not found; train.py must save its checkpoint there"
         )
+    if recorded != actual:
+        raise Rejected(
+            f"{CHECKPOINT} is not the checkpoint training left when its budget was counted "
+            "(sha256 differs from the guard's ledger)"
+        )
+    return ledger
+
+
+class RemoteModel:
+    """train.py's model, built and run in a worker process that cannot read the corpus (so no
+    evaluation bytes reach model code except the window being scored) and cannot read this
+    process (non-dumpable). Only raw tensors cross the pipe; nothing is unpickled here."""
+
+    def __init__(self) -> None:
+        to_worker_r, to_worker_w = os.pipe()
+        from_worker_r, from_worker_w = os.pipe()
+        ruleset = budget_guard.landlock_ruleset(data.unreadable_paths())
+        fds = (to_worker_r, from_worker_w, *(() if ruleset is None else (ruleset,)))
+        self.landlock = "enforced" if ruleset is not None else "unavailable"
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--model-worker", str(to_worker_r), str(from_worker_w)],
+            pass_fds=fds,
+            preexec_fn=budget_guard._preexec(ruleset),
+            env={k: v for k, v in os.environ.items() if k != "GROUNDLOOP_METRICS_OUT"},
+        )
+        for fd in fds:
+            os.close(fd)
+        self.send = Connection(to_worker_w, readable=False)
+        self.recv = Connection(from_worker_r, writable=False)
+        header = self._message()
+        self.config, self.params = header["config"], header["params"]
+
+    def _message(self) -> dict:
+        try:
+            message = json.loads(self.recv.recv_bytes(1 << 20))
+        except (EOFError, OSError):
+            raise SystemExit("evaluate: the model worker died; see its error above") from None
+        if altered := message.get("altered"):
+            raise Rejected(
+                f"the evaluation was altered while it ran: {altered[:5]} replaced by model code"
+            )
+        return message
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        self.send.send_bytes(idx.to(torch.int64).numpy().tobytes())
+        try:
+            raw = self.recv.recv_bytes()
+        except (EOFError, OSError):
+            raise SystemExit("evaluate: the model worker died; see its error above") from None
+        rows, cols = struct.unpack("<qq", raw[:16])
+        if rows != len(idx) or cols < data.VOCAB_SIZE or len(raw) != 16 + rows * cols * 4:
+            raise SystemExit(
+                f"evaluate: model(idx) with idx of shape (1, {len(idx)}) returned logits of shape "
+                f"({rows}, {cols}); it must return (B, T, >= {data.VOCAB_SIZE}) logits for every "
+                "position"
+            )
+        return torch.frombuffer(bytearray(raw[16:]), dtype=torch.float32).view(rows, cols)
+
+    def close(self) -> None:
+        self.send.send_bytes(b"")
+        self._message()  # the worker's last fingerprint check
+        self.process.wait(timeout=30)
+
+    def parameters(self):
+        return []
+
+
+def model_worker(request_fd: int, reply_fd: int) -> None:
+    """Runs in the worker: import train.py, build the model, answer logits requests."""
+    requests = Connection(request_fd, writable=False)
+    replies = Connection(reply_fd, readable=False)
+    untouched = fingerprint()
     sys.path.insert(0, str(Path.cwd()))
     import train  # the workspace's (possibly patched) model definition
 
@@ -96,24 +192,33 @@ def load_model():
     model = train.GPT(train.GPTConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["model"])
     model.eval()
-    return model, checkpoint["config"]
+
+    def altered() -> list[str]:
+        after = fingerprint()
+        return sorted(name for name, ident in untouched.items() if after.get(name) != ident)
+
+    header = {
+        "config": checkpoint["config"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "altered": altered(),
+    }
+    replies.send_bytes(json.dumps(header).encode())
+    with torch.no_grad():
+        while raw := requests.recv_bytes():
+            idx = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+            out = model(idx[None])
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+                shape = getattr(logits, "shape", type(logits).__name__)
+                raise SystemExit(f"evaluate: model(idx) returned {shape}, not (B, T, vocab)")
+            flat = logits[0].float().contiguous()
+            replies.send_bytes(struct.pack("<qq", *flat.shape) + flat.numpy().tobytes())
+    replies.send_bytes(json.dumps({"altered": altered()}).encode())
 
 
-def logits_of(model, idx: torch.Tensor) -> torch.Tensor:
+def logits_of(model: RemoteModel, idx: torch.Tensor) -> torch.Tensor:
     """(T, vocab) float logits of one sequence `idx` (T,)."""
-    out = model(idx[None])
-    logits = out[0] if isinstance(out, (tuple, list)) else out
-    if (
-        not isinstance(logits, torch.Tensor)
-        or logits.shape[:2] != (1, len(idx))
-        or logits.shape[-1] < data.VOCAB_SIZE
-    ):
-        shape = getattr(logits, "shape", type(logits).__name__)
-        raise SystemExit(
-            f"evaluate: model(idx) with idx of shape (1, {len(idx)}) returned logits of shape {shape}; "
-            f"it must return (B, T, >= {data.VOCAB_SIZE}) logits for every position"
-        )
-    return logits[0].float()
+    return model.logits(idx)
 
 
 def prefix_change(
@@ -177,20 +282,30 @@ def main() -> None:
             f"evaluate: GROUNDLOOP_SPLIT={split!r}; use val (search) or test (final reports)"
         )
     started = time.perf_counter()
+    # Nothing the model worker starts may read this process, and all of it dies before the
+    # metrics are written (it could otherwise overwrite them).
+    budget_guard._libc.prctl(budget_guard.PR_SET_DUMPABLE, 0, 0, 0, 0)
+    budget_guard._libc.prctl(budget_guard.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     _, provenance = data.load_corpus()
-    tokens = data.eval_tokens(split)
     generator = torch.Generator().manual_seed(1234)
     untouched = fingerprint()
     try:
-        model, config = load_model()
-        window = min(int(config.get("block_size", MAX_EVAL_WINDOW)), MAX_EVAL_WINDOW)
+        ledger = check_ledger()
+        provenance = {**provenance, "cpu_seconds": str(ledger["cpu_seconds"])}
+        model = RemoteModel()
+        provenance["model_landlock"] = model.landlock
+        tokens = data.eval_tokens(split)  # read only once the model exists, in its own process
+        window = min(int(model.config.get("block_size", MAX_EVAL_WINDOW)), MAX_EVAL_WINDOW)
         if window < 2:
             raise SystemExit(f"evaluate: block_size {window} is too short to evaluate")
         with torch.no_grad():
             worst = probe_random_sequences(model, window, generator)
             loss, worst_scored = score(model, tokens, window, generator)
+        model.close()
+        budget_guard.Guard(0).kill_tree()
         check_untouched(untouched)
     except Rejected as verdict:
+        budget_guard.Guard(0).kill_tree()
         print(f"evaluate: REJECTED: {verdict}", file=sys.stderr)
         write_metrics({"rejected": str(verdict), "provenance": provenance})
         raise SystemExit(EXIT_REJECTED) from None
@@ -199,7 +314,7 @@ def main() -> None:
         f"{split}_loss": loss,
         "eval_tokens": len(tokens) - 1,
         "eval_window": window,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": model.params,
         "causality_max_diff": max(worst, worst_scored),
         "corpus_sha256_48": int(provenance["corpus_sha256"][:12], 16),
         "provenance": {**provenance, "split": split},
@@ -216,4 +331,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--model-worker"]:
+        model_worker(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()

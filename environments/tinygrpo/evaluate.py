@@ -15,17 +15,40 @@ Run: python evaluate.py (in the workspace, after train.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+import budget_guard
 import policy
 import task
 import torch
 
 CHECKPOINT = Path("out/policy.pt")
+EXIT_REJECTED = 3
+
+
+def budget_violation() -> str | None:
+    """Why the protected guard's ledger (budget_guard.py) says the run may not be scored."""
+    ledger_path = budget_guard.LEDGER
+    if ledger_path.is_symlink() or not ledger_path.is_file():
+        return (
+            f"no budget ledger at {ledger_path}: training must be started by the protected "
+            "budget_guard.py (the manifest's entrypoint), which counts its compute"
+        )
+    ledger = json.loads(ledger_path.read_text())
+    if ledger.get("exceeded"):
+        return f"training exceeded its compute budget: {ledger['exceeded']}"
+    actual = hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest() if CHECKPOINT.is_file() else None
+    if actual is not None and ledger.get("outputs", {}).get(str(CHECKPOINT)) != actual:
+        return (
+            f"{CHECKPOINT} is not the policy training left when its budget was counted "
+            "(sha256 differs from the guard's ledger)"
+        )
+    return None
 
 
 def write_metrics(payload: dict) -> None:
@@ -57,6 +80,10 @@ def main() -> None:
     split = os.environ.get("GROUNDLOOP_SPLIT", "val")
     smoke = os.environ.get("GROUNDLOOP_SMOKE") == "1"
     started = time.perf_counter()
+    if reason := budget_violation():
+        print(f"evaluate: REJECTED: {reason}", file=sys.stderr)
+        write_metrics({"rejected": reason, "provenance": {"split": split}})
+        raise SystemExit(EXIT_REJECTED)
     try:
         model = policy.load_policy(CHECKPOINT).eval()
         problems = task.eval_problems(split, smoke=smoke)

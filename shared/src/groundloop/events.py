@@ -11,16 +11,38 @@ Refresh snapshots after a deliberate bump:  python -m groundloop.events --write-
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import Field
+
+# The codec and the payload parts are part of the contract: re-exported, so every service
+# imports events, parts and decode alike from here.
+from groundloop.codec import EventCodec
+from groundloop.codec import InvalidEvent as InvalidEvent
+from groundloop.codec import encode as encode
+from groundloop.codec import schema_of as schema_of
+from groundloop.event_parts import Budgets as Budgets
+from groundloop.event_parts import FinalEvaluation as FinalEvaluation
+from groundloop.event_parts import GenerationPlan as GenerationPlan
+from groundloop.event_parts import GenerationSummary as GenerationSummary
+from groundloop.event_parts import ImplementerInfo as ImplementerInfo
+from groundloop.event_parts import ImplementerSettings as ImplementerSettings
+from groundloop.event_parts import ModelPrice as ModelPrice
+from groundloop.event_parts import PreflightCheck as PreflightCheck
+from groundloop.event_parts import PreflightReport as PreflightReport
+from groundloop.event_parts import ProposerInfo as ProposerInfo
+from groundloop.event_parts import ProposerSettings as ProposerSettings
+from groundloop.event_parts import Provenance as Provenance
+from groundloop.event_parts import Record as Record
+from groundloop.event_parts import Scored as Scored
+from groundloop.event_parts import SearchConfig as SearchConfig
+from groundloop.event_parts import Totals as Totals
+from groundloop.event_parts import Usage as Usage
 
 # uuid5 namespace for derived event ids; changing it would break deduplication of redeliveries.
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c1a52-5c0e-4d0b-9a52-67726f756e64")
@@ -31,10 +53,6 @@ SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 
 E = TypeVar("E", bound="Event")
-
-
-class InvalidEvent(ValueError):
-    """Bytes that are not a valid event; the message says why (recorded on the dead-letter)."""
 
 
 def derive_event_id(producer: str, cause_id: str, index: int = 0) -> str:
@@ -52,151 +70,6 @@ def stable_id(*parts: object) -> str:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-class Record(BaseModel):
-    """Base of every payload model: immutable, strict about unknown fields, no NaN/inf."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-# ---------------------------------------------------------------------------- payload parts
-
-
-class Usage(Record):
-    """Tokens and dollars spent by model calls (zero for the offline knob proposer)."""
-
-    calls: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-
-
-class ModelPrice(Record):
-    """Dollars per million tokens for one model."""
-
-    input_per_mtok: float
-    output_per_mtok: float
-
-
-class Budgets(Record):
-    """Limits of a search; None means unlimited. The search ends when any one is spent."""
-
-    max_generations: int | None = None
-    max_runs: int | None = None
-    gpu_hours: float | None = None
-    dollars: float | None = None
-
-
-class SearchConfig(Record):
-    generations: int = Field(ge=1)
-    ideas_per_generation: int = Field(ge=1)
-    # Exploit share a(t) as a named schedule; "paper" = min(0.5 + 0.1 * floor(t/2), 0.8).
-    exploit_schedule: str = "paper"
-    exploit_context: Literal["random", "score_weighted"] = "random"
-    context_size: int = 100
-    baseline_seeds: int = 2
-    final_top_k: int = 3
-    final_seeds: int = 3
-    generation_deadline_s: float | None = None
-    budgets: Budgets = Budgets()
-
-
-class ProposerSettings(Record):
-    kind: Literal["knobs", "llm", "rl"]
-    model: str | None = None  # e.g. "anthropic:claude-sonnet-4-5"; None for knobs
-    ideas_per_call: int = 10
-    thinking_budget: int | None = None
-
-
-class ImplementerSettings(Record):
-    kind: Literal["knobs", "llm"]
-    model: str | None = None
-    samples: int = 2
-    revisions: int = 2
-
-
-class GenerationPlan(Record):
-    """How generation g's ideas are split, and which past ideas each mode sees as context."""
-
-    fresh: int = 0
-    explore: int = 0
-    exploit: int = 0
-    exploit_context_ids: list[str] = []
-    explore_context_ids: list[str] = []
-
-
-class GenerationSummary(Record):
-    generation: int
-    ideas: int
-    patched: int
-    succeeded: int
-    best_score: float | None = None
-    mean_score: float | None = None
-
-
-class Scored(Record):
-    idea_id: str
-    score: float
-
-
-class ProposerInfo(Record):
-    """Who wrote an idea. `knobs` is the offline proposer and never a language model."""
-
-    kind: Literal["knobs", "llm", "rl", "import", "baseline"]
-    model: str | None = None
-    policy_version: int | None = None
-
-
-class ImplementerInfo(Record):
-    kind: Literal["knobs", "llm", "none", "import"]
-    model: str | None = None
-
-
-class PreflightCheck(Record):
-    name: str
-    ok: bool
-    detail: str = ""
-    seconds: float = 0.0
-
-
-class PreflightReport(Record):
-    passed: bool
-    checks: list[PreflightCheck] = []
-
-
-class Provenance(Record):
-    """Where a number came from; enough to reproduce or distrust it."""
-
-    environment_digest: str
-    patched_digest: str | None = None
-    patch_digest: str | None = None
-    seed: int
-    python: str
-    torch: str | None = None
-    libraries: dict[str, str] = {}
-    hardware: str
-    host: str
-    isolation: dict[str, str] = {}  # what the sandbox enforced here, e.g. {"network": "none"}
-
-
-class FinalEvaluation(Record):
-    """One idea re-run on several seeds at the end of a search."""
-
-    idea_id: str
-    scores: list[float]
-    mean: float
-    ci95_low: float
-    ci95_high: float
-    p_value_vs_baseline: float | None = None
-
-
-class Totals(Record):
-    ideas: int = 0
-    patches: int = 0
-    runs: int = 0
-    gpu_seconds: float = 0.0
-    cost_usd: float = 0.0
 
 
 # ---------------------------------------------------------------------------- the envelope
@@ -433,80 +306,16 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 for _cls in EVENT_TYPES:  # class constants mirror the Literal defaults, for lookups
     _cls.TYPE = _cls.model_fields["type"].default
     _cls.VERSION = _cls.model_fields["version"].default
-EVENTS_BY_TYPE: dict[str, type[Event]] = {cls.TYPE: cls for cls in EVENT_TYPES}
 
-AnyEvent = Annotated[Union[tuple(EVENT_TYPES)], Field(discriminator="type")]  # noqa: UP007
-_ADAPTER: TypeAdapter[Event] = TypeAdapter(AnyEvent)
-
-# (type, old version) -> function turning that payload dict into the next version's dict.
-UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
-
-
-def upcast(payload: dict[str, Any]) -> dict[str, Any]:
-    """Lift an old payload to the current version of its type, one step at a time."""
-    kind = payload.get("type")
-    current = EVENTS_BY_TYPE[kind].VERSION if kind in EVENTS_BY_TYPE else None
-    while current is not None and isinstance(payload.get("version"), int) and payload["version"] < current:
-        step = UPCASTERS.get((kind, payload["version"]))
-        if step is None:
-            raise InvalidEvent(f"{kind} v{payload['version']} has no upcaster to v{current}")
-        payload = step(dict(payload))
-    return payload
-
-
-def encode(event: Event) -> bytes:
-    return event.model_dump_json().encode()
-
-
-def decode(data: bytes | str | dict[str, Any]) -> Event:
-    """The one decoder. Raises InvalidEvent with a readable reason, never anything else."""
-    if not isinstance(data, dict):
-        try:  # fast path: current-version events validate straight from JSON
-            return _ADAPTER.validate_json(data)
-        except ValidationError:
-            pass  # fall through for upcasting or a precise error message
-    try:
-        payload = data if isinstance(data, dict) else json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidEvent(f"not JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise InvalidEvent(f"expected a JSON object, got {type(payload).__name__}")
-    kind = payload.get("type")
-    if kind not in EVENTS_BY_TYPE:
-        known = ", ".join(EVENTS_BY_TYPE)
-        raise InvalidEvent(f"unknown event type {kind!r}; known types: {known}")
-    try:
-        return _ADAPTER.validate_python(upcast(payload))
-    except ValidationError as exc:
-        errors = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]
-        )
-        raise InvalidEvent(f"invalid {kind}: {errors}") from None
-
-
-def schema_of(cls: type[Event]) -> dict[str, Any]:
-    return cls.model_json_schema(mode="validation")
-
-
-def schema_path(cls: type[Event]) -> Path:
-    return SCHEMA_DIR / f"{cls.TYPE}.v{cls.VERSION}.json"
-
-
-def write_schemas() -> list[Path]:
-    """Write the snapshot of every current (type, version); refuses to overwrite a different
-    snapshot of the same version, because that is exactly the change that needs a bump."""
-    SCHEMA_DIR.mkdir(exist_ok=True)
-    written = []
-    for cls in EVENT_TYPES:
-        path, text = schema_path(cls), json.dumps(schema_of(cls), indent=2, sort_keys=True) + "\n"
-        if path.exists() and path.read_text() != text:
-            raise SystemExit(
-                f"{path.name} exists with a different schema: bump {cls.__name__}'s version "
-                "(and add an upcaster) instead of rewriting a published schema"
-            )
-        path.write_text(text)
-        written.append(path)
-    return written
+_CODEC = EventCodec(EVENT_TYPES, SCHEMA_DIR)
+EVENTS_BY_TYPE: dict[str, type[Event]] = _CODEC.by_type
+AnyEvent = _CODEC.union  # the discriminated union of EVENT_TYPES
+# The one codec's functions; an upcaster goes in UPCASTERS[(type, old version)].
+UPCASTERS = _CODEC.upcasters
+upcast = _CODEC.upcast
+decode = _CODEC.decode
+schema_path = _CODEC.schema_path
+write_schemas = _CODEC.write_schemas
 
 
 def is_valid_search_id(search_id: str) -> bool:

@@ -31,9 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from groundloop.execution.applier import PatchRejected, apply_diff
 from groundloop.events import Provenance as Provenance
-from groundloop.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
+from groundloop.execution.applier import PatchRejected, apply_diff
 from groundloop.execution.run_protocol import (
     LOG_TAIL_CHARS,
     Execution,
@@ -52,6 +51,7 @@ from groundloop.execution.run_protocol import hardware as hardware
 from groundloop.execution.sandbox import Limits as Limits
 from groundloop.execution.sandbox import ProcessResult as ProcessResult
 from groundloop.execution.sandbox import allowed_environment, run_sandboxed
+from groundloop.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 
 __all__ = [
     "Environment",
@@ -90,6 +90,9 @@ class Environment:
         self.root = root
         self.manifest = manifest
         self.name = manifest.name
+        # Runs get a copy and never see `root` (the bwrap sandbox does not mount it), so the
+        # protected files read at load stay the reference: any later change is tampering.
+        self.loaded_protected_digest = self.protected_digest()
 
     def __repr__(self) -> str:
         return f"Environment({self.name!r}, root={str(self.root)!r})"
@@ -207,6 +210,21 @@ class Environment:
             )
         return Materialized(workspace, changed, tree_digest(workspace), text_digest(diff or ""))
 
+    def verify_source(self) -> None:
+        """Raise ProtectedFileChanged when the environment's own protected files (the source
+        every workspace is copied from) differ from what was loaded: stop serving it."""
+        now = (
+            self.protected_digest()
+            if all((self.root / rel).is_file() for rel in self.protected_files)
+            else "missing"
+        )
+        if now != self.loaded_protected_digest:
+            raise ProtectedFileChanged(
+                f"environment {self.name}: protected files in its source folder {self.root} "
+                "changed since it was loaded; refusing to run it (restore the files and "
+                "restart, and find out what wrote there)"
+            )
+
     def verify_protected(self, workspace: Path) -> None:
         """Raise ProtectedFileChanged naming the first protected file that differs."""
         for rel in self.protected_files:
@@ -244,7 +262,8 @@ class Environment:
                     cwd=work,
                     env=env,
                     wall_seconds=wall_seconds,
-                    network=True,
+                    network=True,  # downloads; still its own pid, mount and user namespaces
+                    limits=Limits(isolate=True),
                     log_path=cache_dir / "prepare.log",
                 )
             if result.status != "exited" or result.returncode != 0:

@@ -329,11 +329,15 @@ class _Containment:
 
 
 def _preexec(
-    limits: list[tuple[int, int]], join: list[str], net_unshare: Callable[[int], int] | None
+    limits: list[tuple[int, int]],
+    join: list[str],
+    net_unshare: Callable[[int], int] | None,
+    drop_to: Callable[[], None] | None = None,
 ) -> Callable[[], None]:
-    """Child-side setup between fork and exec (after setsid): cgroups, rlimits, netns.
-    `limits` are (resource, value) pairs (groundloop.execution.sandbox builds them from its `Limits`);
-    core dumps are always off."""
+    """Child-side setup between fork and exec (after setsid): cgroups, rlimits, netns, and
+    `drop_to` (become the run's uid; last, since joining cgroups needs the runner's rights).
+    `limits` are (resource, value) pairs (groundloop.execution.sandbox builds them from its
+    `Limits`); core dumps are always off."""
     rlimits = [(resource.RLIMIT_CORE, 0), *limits]
 
     prctl, parent = _libc().prctl, os.getpid()
@@ -354,5 +358,11 @@ def _preexec(
             resource.setrlimit(which, (value, value))
         if net_unshare is not None:
             _unshare_net(net_unshare)
+        if drop_to is not None:
+            drop_to()
+            # Changing credentials clears the parent-death signal: set it again.
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(137)
 
     return setup

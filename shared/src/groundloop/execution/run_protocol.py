@@ -3,7 +3,8 @@
     result = execute(env, workspace, seed=0, run_dir=..., cache_dir=...)
     result.outcome.status, result.outcome.score        # "succeeded", 0.62...
 
-`execute`: protected digests verified → entrypoint run under the wall budget in the sandbox
+`execute`: the environment's source checked against its digest at load, protected digests
+verified → entrypoint run under the wall budget in the sandbox
 (`groundloop.execution.sandbox.run_sandboxed`) → protected digests and sources verified again → the
 protected `evaluate` step (when the manifest has one) writes GROUNDLOOP_METRICS_OUT, a fresh
 file outside the workspace → `Environment.outcome` turns that file into an `Outcome`.
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -168,6 +169,19 @@ def _tampering(env: Environment, workspace: Path, before: dict[str, str]) -> str
     return None
 
 
+def protocol_limits(env: Environment, limits: Limits | None) -> Limits:
+    """`limits` as the run protocol applies them: in the bwrap sandbox unless the caller
+    chose otherwise, resident memory capped at the manifest's resources.memory_gb (for CPU
+    and GPU runs alike) unless the caller set a cap."""
+    limits = limits or Limits()
+    if limits.isolate is None:
+        limits = replace(limits, isolate=True)
+    if limits.resident_memory_bytes is None:
+        memory = int(env.manifest.resources.memory_gb * 1024**3)
+        limits = replace(limits, resident_memory_bytes=memory)
+    return limits
+
+
 def execute(
     env: Environment,
     workspace: Path,
@@ -198,7 +212,9 @@ def execute(
         raise ValueError(f"run_dir {run_dir} must lie outside the workspace {workspace}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "home").mkdir(exist_ok=True)
+    env.verify_source()
     env.prepare(cache_dir)
+    limits = protocol_limits(env, limits)
     budget = env.manifest.budget
     base = {
         "GROUNDLOOP_SEED": str(seed),
@@ -242,6 +258,7 @@ def execute(
         network=network,
         on_output=on_output,
     )
+    env.verify_source()  # the run cannot reach the source; this catches anything else that did
     if reason := _tampering(env, workspace, sources_before):
         return finish(Outcome("rejected", reason=reason), train)
     if train.status == "timed_out":

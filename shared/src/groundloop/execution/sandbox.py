@@ -1,18 +1,28 @@
-"""Run untrusted code: own session, allow-listed environment, limits, hard budget, no network.
+"""Run untrusted code: least privilege, allow-listed environment, limits, hard budget.
 
 `run_sandboxed(cmd, ...)` starts `cmd` in a new session/process group with an allow-listed
-environment (`allowed_environment`), rlimits (memory as RLIMIT_AS, processes, file size, open
-files), in a new network namespace when the OS allows it (loopback up, nothing else), streams
-its merged stdout/stderr to a log file and a callback, and enforces a wall-clock budget:
-SIGTERM to every process of the run, a grace period, then SIGKILL. Every process of the run
-is found and killed at the end, including grandchildren that called setsid() or daemonised,
-by containment "cgroup2" (a fresh cgroup per run, with a kernel process cap via `pids.max`)
-or else "proc-scan" (a child subreaper scanning /proc for the run's processes). How is
-`groundloop.execution.process_tree`, the OS-level half, kept apart so that this module (the public API
-and the supervising loop) reads in one sitting.
+environment (`allowed_environment`, module `run_env`), rlimits (address space, processes,
+file size, open files) and, with `Limits.resident_memory_bytes`, a memory cgroup that caps
+resident memory (CPU and GPU runs alike; `cgroup_memory`). With `Limits.isolate` (the run
+protocol's default: execute, prepare, pre-flight) it runs inside bubblewrap
+(`groundloop.execution.bubblewrap`): an unprivileged uid, no capabilities, no_new_privs, its
+own pid/mount/network/ipc/uts/cgroup/user namespaces, a read-only filesystem but for its
+workspace, run dir, cache and a private /tmp. Without it (or without bwrap on the host) it
+gets a network namespace when the OS allows it, and nothing else of the above: that is
+recorded, and `Limits.require_full_isolation` refuses to run (IsolationUnavailable).
 
-What was enforced, and any limit that was hit, is recorded in `ProcessResult.isolation`,
-which the runner copies into the run's provenance. Used by groundloop.execution.environment.execute.
+Output streams to a log file and a callback; a wall-clock budget ends in SIGTERM to every
+process of the run, a grace period, then SIGKILL. Every process of the run is found and
+killed at the end, including grandchildren that called setsid() or daemonised, by
+containment "cgroup2" (a fresh cgroup per run, with a kernel process cap via `pids.max`)
+or else "proc-scan" (a child subreaper scanning /proc for the run's processes); in bwrap its
+pid namespace ends with its pid 1 as well. `groundloop.execution.process_tree`, the OS-level
+half, is kept apart so that this module (the public API and the supervising loop) reads in
+one sitting.
+
+What was enforced, each protection not in force ("off: why"), and any limit that was hit
+are recorded in `ProcessResult.isolation`, which the runner copies into the run's
+provenance. Used by groundloop.execution.environment.execute.
 """
 
 from __future__ import annotations
@@ -30,10 +40,23 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from groundloop.execution.bubblewrap import (
+    DEFAULT_RUN_UID,
+    IsolationUnavailable,
+    Wrapped,
+    bwrap_error,
+    drop_to,
+    hand_over,
+    host_protections,
+    isolation_gaps,
+    require_full_isolation,
+    wrap,
+)
+from groundloop.execution.cgroup_memory import MemoryLimit
 from groundloop.execution.process_tree import CLONE_NEWNET as CLONE_NEWNET
 from groundloop.execution.process_tree import MARKER as MARKER
 from groundloop.execution.process_tree import PR_SET_CHILD_SUBREAPER as PR_SET_CHILD_SUBREAPER
@@ -47,6 +70,8 @@ from groundloop.execution.process_tree import (
     _start_time,
     network_isolation_error,
 )
+from groundloop.execution.run_env import RUN_VARIABLES as RUN_VARIABLES
+from groundloop.execution.run_env import allowed_environment as allowed_environment
 
 log = logging.getLogger(__name__)
 
@@ -58,59 +83,6 @@ _CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar
     "sandbox_cancel", default=None
 )
 
-# Variables a run may inherit from the runner: locale, paths, thread counts, device selection.
-_ALLOWED_NAMES = {
-    "PATH",
-    "LANG",
-    "LANGUAGE",
-    "TZ",
-    "TMPDIR",
-    "TERM",
-    "USER",
-    "LOGNAME",
-    "SHELL",
-    "PYTHONHASHSEED",
-    "PYTHONUNBUFFERED",
-    "PYTHONDONTWRITEBYTECODE",
-    "PYTHONIOENCODING",
-    "PYTHONUTF8",
-    "PYTHONPATH",
-    "PYTHONWARNINGS",
-    "PYTHONFAULTHANDLER",
-    "VIRTUAL_ENV",
-    "LD_LIBRARY_PATH",
-    "CUDA_VISIBLE_DEVICES",
-    "CUDA_DEVICE_ORDER",
-    "CUDA_HOME",
-    "CUDA_PATH",
-    "NVIDIA_VISIBLE_DEVICES",
-    "NVIDIA_DRIVER_CAPABILITIES",
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "TOKENIZERS_PARALLELISM",
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "HF_DATASETS_OFFLINE",
-}
-_ALLOWED_PREFIXES = ("LC_", "NCCL_", "TORCH_", "CUBLAS_", "CUDNN_")
-# Denied even when allowed above or passed in `extra`: credentials by name, cloud SDK config.
-_SECRET = re.compile(
-    r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|SESSION_KEY|AUTH)"
-    r"|^(AWS|GOOGLE|GCLOUD|GCP|AZURE|OPENAI|ANTHROPIC|HF|HUGGING_?FACE|WANDB|GITHUB|GH|NATS)_",
-    re.IGNORECASE,
-)
-# The run's own variables; any other GROUNDLOOP_* (broker URL, DB URL, keys) stays out.
-RUN_VARIABLES = {
-    "GROUNDLOOP_SEED",
-    "GROUNDLOOP_DEVICE",
-    "GROUNDLOOP_METRICS_OUT",
-    "GROUNDLOOP_SPLIT",
-    "GROUNDLOOP_CACHE_DIR",
-    "GROUNDLOOP_SMOKE",
-}
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -118,6 +90,15 @@ class Limits:
     max_processes: int | None = None
     file_size_bytes: int | None = None
     open_files: int | None = None
+    # Resident memory, by the memory cgroup: fits CPU and GPU runs alike.
+    resident_memory_bytes: int | None = None
+    # bubblewrap namespaces (groundloop.execution.bubblewrap). The run protocol (execute,
+    # prepare, pre-flight) turns None into True; a bare run_sandboxed call with None runs a
+    # plain process group in the runner's view (the low-level API; its pid-level tests).
+    isolate: bool | None = None
+    run_uid: int | None = DEFAULT_RUN_UID  # the uid a root runner's runs get (one per slot)
+    # Refuse to start (IsolationUnavailable) unless every protection is in force on this host.
+    require_full_isolation: bool = False
 
 
 @dataclass
@@ -127,27 +108,6 @@ class ProcessResult:
     wall_seconds: float
     output_tail: str
     isolation: dict[str, str] = field(default_factory=dict)
-
-
-def allowed_environment(extra: dict[str, str], home: Path) -> dict[str, str]:
-    """The runner's environment reduced to the allow-list, HOME=`home`, plus `extra`.
-
-    `extra` is the run's own settings (GROUNDLOOP_SEED, …, CUDA_VISIBLE_DEVICES); secrets and
-    GROUNDLOOP_* service settings are dropped from it too, so a caller cannot leak them.
-    """
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if (name in _ALLOWED_NAMES or name.startswith(_ALLOWED_PREFIXES))
-        and not _SECRET.search(name)
-    }
-    for name, value in extra.items():
-        if _SECRET.search(name) or (name.startswith("GROUNDLOOP_") and name not in RUN_VARIABLES):
-            log.warning("sandbox: not passing %s to the run (secret or service setting)", name)
-            continue
-        env[name] = str(value)
-    env["HOME"] = str(home)
-    return env
 
 
 @contextlib.contextmanager
@@ -211,9 +171,21 @@ def run_sandboxed(
     log_path: Path | None = None,
     network: bool = False,
     on_output: Callable[[bytes], None] | None = None,
+    writable: list[Path] | tuple[Path, ...] = (),
+    readable: list[Path] | tuple[Path, ...] = (),
 ) -> ProcessResult:
-    """Run `cmd` to completion or budget; every process of it is gone when this returns."""
+    """Run `cmd` to completion or budget; every process of it is gone when this returns.
+
+    With bubblewrap (module `groundloop.execution.bubblewrap`) the run sees only `cwd`,
+    `writable`, its HOME, the folder of GROUNDLOOP_METRICS_OUT and GROUNDLOOP_CACHE_DIR
+    (writable), `readable`, the interpreter and the system directories (read-only).
+    Raises IsolationUnavailable if `limits.require_full_isolation` and the host falls short."""
     limits = limits or Limits()
+    if limits.require_full_isolation:
+        if limits.isolate is False:
+            raise IsolationUnavailable("require_full_isolation contradicts isolate=False")
+        limits = replace(limits, isolate=True)
+        require_full_isolation(limits.run_uid)
     token = uuid.uuid4().hex[:16]
     cancel = _CANCEL.get()
     if cancel is not None and cancel.is_set():
@@ -221,34 +193,58 @@ def run_sandboxed(
     sweep_orphaned_runs()
     box = _Containment(token, limits.max_processes)
     isolation = box.isolation
+    wrapped = _wrapped(cmd, cwd, env, writable, readable, network, limits, isolation)
     net_unshare = None
     if network:
         isolation["network"] = "allowed: requested by caller"
+    elif wrapped is not None:
+        isolation["network"] = "none (own namespace, loopback only)"
     elif (why := network_isolation_error()) is not None:
         isolation["network"] = f"allowed: {why}"
     else:
         net_unshare = _libc().unshare
     if limits.memory_bytes is not None:
         isolation["memory"] = f"RLIMIT_AS={limits.memory_bytes}"
+    memory = (
+        MemoryLimit(f"run-{token}", limits.resident_memory_bytes)
+        if limits.resident_memory_bytes is not None
+        else None
+    )
+    if memory is not None:
+        isolation["resident_memory"] = memory.detail
+    elif not isolation["resident_memory"].startswith("off:"):
+        isolation["resident_memory"] = "off: no resident limit asked for (resident_memory_bytes)"
     tail = bytearray()
     log_file = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
     started = time.monotonic()
     try:
+        uid = wrapped.uid if wrapped else None
         proc = subprocess.Popen(
-            cmd,
+            wrapped.argv if wrapped else cmd,
             cwd=cwd,
-            env={**env, MARKER: token},
+            env={**env, MARKER: token, **({"TMPDIR": "/tmp"} if wrapped else {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_preexec(_rlimits(limits), box.join_paths(), net_unshare),
+            pass_fds=wrapped.fds if wrapped else (),
+            preexec_fn=_preexec(
+                _rlimits(limits),
+                box.join_paths() + (memory.join_paths() if memory else []),
+                net_unshare,
+                (lambda: drop_to(uid)) if uid is not None else None,
+            ),
         )
     except BaseException:
         if log_file:
             log_file.close()
         box.remove()
+        if memory:
+            memory.remove()
         raise
+    finally:
+        if wrapped:
+            wrapped.close()
     box.leader = proc.pid
     if net_unshare is not None:
         with contextlib.suppress(OSError):
@@ -341,7 +337,7 @@ def run_sandboxed(
         drain_end = time.monotonic() + 1.0
         while open_output and time.monotonic() < drain_end:
             pump(0.05, until_exit=False)
-        isolation_hit = box.limit_hit()
+        isolation_hit = box.limit_hit() or (memory.limit_hit() if memory else None)
     finally:
         if proc.poll() is None:
             with contextlib.suppress(OSError):
@@ -353,6 +349,8 @@ def run_sandboxed(
         if log_file:
             log_file.close()
         box.remove()
+        if memory:
+            memory.remove()
     if status == "exited" and proc.returncode == -signal.SIGKILL:
         status = "killed"  # e.g. the kernel's OOM killer
     hit = (
@@ -371,6 +369,40 @@ def run_sandboxed(
     )
 
 
+def _wrapped(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    writable: list[Path] | tuple[Path, ...],
+    readable: list[Path] | tuple[Path, ...],
+    network: bool,
+    limits: Limits,
+    isolation: dict[str, str],
+) -> Wrapped | None:
+    """The bwrap wrapping of `cmd` (None without it), its protections in `isolation`."""
+    for name, value in host_protections(limits.run_uid).items():
+        isolation.setdefault(name, value)
+    if not limits.isolate:
+        isolation["sandbox"] = f"off: isolate={limits.isolate} chosen by the caller"
+        for name in ("user", "capabilities", "namespaces", "filesystem"):
+            isolation[name] = "off: not sandboxed by bwrap"
+    if not limits.isolate or bwrap_error(limits.run_uid):
+        if limits.isolate:
+            log.warning("sandbox: running without bwrap: %s", "; ".join(isolation_gaps(isolation)))
+        return None
+    own = [env.get("HOME"), env.get("GROUNDLOOP_CACHE_DIR")]
+    if env.get("GROUNDLOOP_METRICS_OUT"):
+        own.append(str(Path(env["GROUNDLOOP_METRICS_OUT"]).parent))
+    rw = [*writable, *(Path(p) for p in own if p and Path(p).is_dir())]
+    wrapped = wrap(cmd, cwd=cwd, writable=rw, readable=readable, network=network,
+                   run_uid=limits.run_uid)  # fmt: skip
+    if wrapped.uid is not None:  # a real uid outside: give it the places it may write
+        hand_over(rw, wrapped.uid, recursive=[cwd])
+    if wrapped.user:
+        isolation["user"] = wrapped.user
+    return wrapped
+
+
 def _limit_from_exit(returncode: int | None, tail: bytes) -> str | None:
     # Python ignores SIGXFSZ, so there the write fails with EFBIG instead of a signal.
     if returncode == -signal.SIGXFSZ or (returncode and b"File too large" in tail[-4000:]):
@@ -385,10 +417,13 @@ def _limit_from_exit(returncode: int | None, tail: bytes) -> str | None:
 
 
 __all__ = [
+    "IsolationUnavailable",
     "Limits",
     "ProcessResult",
     "allowed_environment",
     "cancel_on",
+    "host_protections",
+    "isolation_gaps",
     "network_isolation_error",
     "run_sandboxed",
     "sweep_orphaned_runs",

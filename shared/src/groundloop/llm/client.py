@@ -9,8 +9,13 @@ Model specs (ProposerSettings.model / ImplementerSettings.model):
 
 Keys come from the environment (OPENAI_API_KEY, ANTHROPIC_API_KEY, or GROUNDLOOP_-prefixed
 variants) or from `LLMSettings`; they are held as SecretStr, never logged and never put in
-events. Calls retry on rate limits, 5xx and connection errors with exponential backoff and
-jitter inside a bounded total time (`max_total_s`); every request has its own timeout.
+events. Calls retry on rate limits, 5xx and dropped connections with exponential backoff and
+jitter inside a bounded total time (`max_total_s`); every request has its own timeout. What
+cannot succeed fails at once: a server that refuses connections (LLMUnreachable, naming the
+URL and the OS error), a model name the server does not list (ModelNotServed), an answer that
+does not fit the timeout even with half the output budget (LLMTimeout). Output budgets follow
+the model's measured speed and calls per endpoint are limited (`groundloop.llm.limits`);
+`complete(response_format=JsonSchema(...))` asks for structured output (`groundloop.llm.structured`).
 Cost per call comes from a price table (dollars per million tokens); the table in force is
 recorded in SearchStarted.price_table so a search's dollars are reproducible.
 
@@ -35,6 +40,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from groundloop.events import ModelPrice
 from groundloop.events import Usage as Usage
+from groundloop.llm.pricing import DEFAULT_PRICES, load_price_table, price_for
+from groundloop.llm.pricing import cost_usd as cost_usd
 from groundloop.llm.providers import (
     AnthropicClient,
     LLMClient,
@@ -44,10 +51,12 @@ from groundloop.llm.providers import (
 )
 from groundloop.llm.providers import Completion as Completion
 from groundloop.llm.providers import LLMRequestRejected as LLMRequestRejected
+from groundloop.llm.providers import LLMTimeout as LLMTimeout
+from groundloop.llm.providers import LLMUnreachable as LLMUnreachable
 from groundloop.llm.providers import Message as Message
 from groundloop.llm.providers import MissingAPIKey as MissingAPIKey
-from groundloop.llm.pricing import DEFAULT_PRICES, load_price_table, price_for
-from groundloop.llm.pricing import cost_usd as cost_usd
+from groundloop.llm.providers import ModelNotServed as ModelNotServed
+from groundloop.llm.structured import JsonSchema as JsonSchema
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +96,13 @@ class LLMSettings(BaseSettings):
     max_total_s: float = 1800.0  # all attempts of one call, sleeps included
     backoff_initial_s: float = 2.0
     backoff_max_s: float = 60.0
+    # Capped further per call to what the model's measured speed fits in timeout_s.
     max_output_tokens: int = 8192
+    # Concurrent calls per endpoint (base URL) in one process; None: 1 for a server on this
+    # machine (a CPU-served model runs one generation at a time), unlimited otherwise.
+    max_concurrency: int | None = Field(default=None, ge=1)
+    # Compare the model name with the server's /v1/models list (openai-compatible servers).
+    check_model_name: bool = True
     temperature: float | None = None  # None: the provider's default (reasoning models need it)
     thinking_budget: int | None = None  # Anthropic extended thinking, in tokens
     # "low" | "medium" | "high" for gpt-5 and the o-series

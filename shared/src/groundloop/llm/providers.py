@@ -24,33 +24,27 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from groundloop.events import ModelPrice, Usage
+from groundloop.llm import limits
+from groundloop.llm.errors import LLMError as LLMError
+from groundloop.llm.errors import LLMRequestRejected as LLMRequestRejected
+from groundloop.llm.errors import MissingAPIKey as MissingAPIKey
+from groundloop.llm.errors import ModelSpecError as ModelSpecError
+from groundloop.llm.errors import describe as _describe
+from groundloop.llm.errors import hint as _hint
+from groundloop.llm.errors import retry_after as _retry_after
+from groundloop.llm.errors import retryable_status as _retryable_status
+from groundloop.llm.limits import RATES
+from groundloop.llm.limits import LLMTimeout as LLMTimeout
+from groundloop.llm.limits import LLMUnreachable as LLMUnreachable
+from groundloop.llm.limits import ModelNotServed as ModelNotServed
 from groundloop.llm.pricing import cost_usd
+from groundloop.llm.structured import JsonSchema, tool_input_text
 
 if TYPE_CHECKING:
     from groundloop.llm.client import LLMSettings, ModelSpec
 
 # One component to operators: its logs keep the name they had before this module was split out.
 log = logging.getLogger("groundloop.llm.client")
-
-
-class LLMError(RuntimeError):
-    """A model call that failed for good (after retries); the message says why and what to do."""
-
-    retryable = True  # worth trying the whole job again later (e.g. the provider was down)
-
-
-class ModelSpecError(LLMError, ValueError):
-    retryable = False
-
-
-class MissingAPIKey(LLMError):
-    retryable = False
-
-
-class LLMRequestRejected(LLMError):
-    """The provider refused the request itself (bad key, unknown model, invalid request)."""
-
-    retryable = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +71,7 @@ class LLMClient(Protocol):
         system: str | None = None,
         max_tokens: int | None = None,
         thinking_budget: int | None = None,
+        response_format: JsonSchema | None = None,
     ) -> Completion: ...
 
 
@@ -104,8 +99,12 @@ class _RetryingClient:
         self.spec, self.settings, self.price, self._sleep = spec, settings, price, sleep
         self._rng = random.Random()
         self._lock = threading.Lock()
+        self._model_checked = False
+        self._structured_ok = True  # until the server refuses response_format
         if price is None:
             log.info("no price for %s in the price table: its cost is counted as $0", spec.label)
+
+    base_url: str | None = None  # where requests go (for messages and per-endpoint limits)
 
     def complete(
         self,
@@ -114,30 +113,63 @@ class _RetryingClient:
         system: str | None = None,
         max_tokens: int | None = None,
         thinking_budget: int | None = None,
+        response_format: JsonSchema | None = None,
     ) -> Completion:
-        """One answer; `thinking_budget` (Anthropic) overrides LLMSettings.thinking_budget."""
+        """One answer; `thinking_budget` (Anthropic) overrides LLMSettings.thinking_budget;
+        `response_format` asks for JSON matching a schema where the provider supports it.
+
+        The output budget is capped to what the model's measured speed fits in the timeout. A
+        timed-out generation is retried once with half the budget, never with the same one; a
+        server that cannot be reached at all fails at once (LLMUnreachable)."""
         s = self.settings
+        label = self.spec.label
+        self._check_model_once()
         start = time.monotonic()
         deadline = start + s.max_total_s
-        last: BaseException | None = None
+        budget = limits.cap_output_tokens(
+            max_tokens or s.max_output_tokens, RATES.tokens_per_s(label), s.timeout_s
+        )
+        slots = limits.concurrency_for(self.base_url, s.max_concurrency)
+        timeouts, last, attempt = 0, None, 0
         for attempt in range(1, s.max_attempts + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            structured = response_format if self._structured_ok else None
             try:
-                raw = self._call(
-                    list(messages),
-                    system,
-                    max_tokens or s.max_output_tokens,
-                    timeout=min(s.timeout_s, remaining),
-                    thinking_budget=thinking_budget or s.thinking_budget,
-                )
+                with limits.endpoint_slot(self.base_url, slots):
+                    began = time.monotonic()  # waiting for a slot is not generation time
+                    raw = self._call(
+                        list(messages),
+                        system,
+                        budget,
+                        timeout=min(s.timeout_s, remaining),
+                        thinking_budget=thinking_budget or s.thinking_budget,
+                        response_format=structured,
+                    )
             except Exception as exc:  # classified below; unknown errors are not retried
                 status = getattr(exc, "status_code", None)
+                os_error = limits.unreachable_os_error(exc) if self._retryable(exc) else None
+                if os_error is not None:
+                    raise limits.unreachable(label, self.base_url or "?", os_error) from None
+                if self._is_timeout(exc):
+                    timeouts += 1
+                    budget = limits.budget_after_timeout(
+                        label, budget, timeouts, min(s.timeout_s, remaining)
+                    )
+                    last = exc
+                    continue
+                if structured is not None and status in (400, 422):
+                    log.warning(
+                        "%s: the server refused structured output (%s); asking in plain text",
+                        label,
+                        _describe(exc),
+                    )
+                    self._structured_ok = False
+                    continue
                 if not self._retryable(exc):
                     raise LLMRequestRejected(
-                        f"{self.spec.label}: request refused ({_describe(exc)}); "
-                        + _hint(self.spec, status)
+                        f"{label}: request refused ({_describe(exc)}); " + _hint(self.spec, status)
                     ) from None
                 last = exc
                 delay = self._delay(attempt, exc)
@@ -145,7 +177,7 @@ class _RetryingClient:
                     break
                 log.warning(
                     "%s: attempt %d/%d failed (%s); retrying in %.1fs",
-                    self.spec.label,
+                    label,
                     attempt,
                     s.max_attempts,
                     _describe(exc),
@@ -153,6 +185,7 @@ class _RetryingClient:
                 )
                 self._sleep(delay)
                 continue
+            RATES.record(label, raw.output_tokens, time.monotonic() - began)
             usage = Usage(
                 calls=1,
                 input_tokens=raw.input_tokens,
@@ -161,20 +194,36 @@ class _RetryingClient:
             )
             log.debug(
                 "%s: %d in / %d out tokens, $%.4f",
-                self.spec.label,
+                label,
                 usage.input_tokens,
                 usage.output_tokens,
                 usage.cost_usd,
             )
-            return Completion(
-                text=raw.text, usage=usage, model=self.spec.label, stop_reason=raw.stop_reason
-            )
+            return Completion(text=raw.text, usage=usage, model=label, stop_reason=raw.stop_reason)
         raise LLMError(
-            f"{self.spec.label}: gave up after {attempt} attempt(s) in {time.monotonic() - start:.0f}s "
+            f"{label}: gave up after {attempt} attempt(s) in {time.monotonic() - start:.0f}s "
             f"(limit {s.max_attempts} attempts / {s.max_total_s:.0f}s); last error: "
             f"{_describe(last) if last else 'none'}; check the provider's status or raise "
             "GROUNDLOOP_LLM_MAX_TOTAL_S"
         )
+
+    def _check_model_once(self) -> None:
+        """Compare the model name with the server's list, once per client, where it has one."""
+        if self._model_checked:
+            return
+        with self._lock:
+            if self._model_checked:
+                return
+            served = self._served_models() if self.settings.check_model_name else None
+            self._model_checked = True
+        if served:
+            limits.check_model_name(self.spec.label, self.spec.model, self.base_url or "?", served)
+
+    def _served_models(self) -> list[str] | None:
+        return None  # providers whose model list is worth checking override this
+
+    def _is_timeout(self, exc: BaseException) -> bool:
+        raise NotImplementedError
 
     def _delay(self, attempt: int, exc: BaseException) -> float:
         s = self.settings
@@ -192,43 +241,12 @@ class _RetryingClient:
         *,
         timeout: float,
         thinking_budget: int | None,
+        response_format: JsonSchema | None = None,
     ) -> _Raw:
         raise NotImplementedError
 
     def _retryable(self, exc: BaseException) -> bool:
         raise NotImplementedError
-
-
-def _retryable_status(status: int | None) -> bool:
-    return status in (408, 409, 425, 429) or (status is not None and status >= 500)
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
-        return None
-    try:
-        return float(headers.get("retry-after", ""))
-    except (TypeError, ValueError):
-        return None
-
-
-def _describe(exc: BaseException) -> str:
-    status = getattr(exc, "status_code", None)
-    text = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return f"{type(exc).__name__}{f' {status}' if status else ''}: {text}"
-
-
-def _hint(spec: ModelSpec, status: int | None) -> str:
-    if status in (401, 403):
-        var = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}.get(
-            spec.provider, "GROUNDLOOP_LLM_COMPATIBLE_API_KEY"
-        )
-        return f"the key was rejected: check {var}"
-    if status == 404:
-        return f"check the model name {spec.model!r} and the base URL"
-    return "check the model name and settings"
 
 
 # ------------------------------------------------------------------------------- providers
@@ -258,6 +276,7 @@ class OpenAIClient(_RetryingClient):
             key = settings.compatible_api_key
             api_key = key.get_secret_value() if key else "no-key"  # local servers ignore it
         self._errors = openai
+        self.base_url = base_url or "https://api.openai.com/v1"
         # Retries are ours (bounded total time, logged), so the SDK's are off.
         self._client = openai.OpenAI(
             api_key=api_key, base_url=base_url, max_retries=0, timeout=settings.timeout_s
@@ -271,6 +290,7 @@ class OpenAIClient(_RetryingClient):
         *,
         timeout: float,
         thinking_budget: int | None,
+        response_format: JsonSchema | None = None,
     ) -> _Raw:
         chat = ([{"role": "system", "content": system}] if system else []) + messages
         kwargs: dict[str, Any] = {"model": self.spec.model, "messages": chat, "timeout": timeout}
@@ -282,6 +302,8 @@ class OpenAIClient(_RetryingClient):
             kwargs["max_tokens"] = max_tokens  # what vLLM / llama.cpp / Ollama understand
         if self.settings.temperature is not None:
             kwargs["temperature"] = self.settings.temperature
+        if response_format is not None:
+            kwargs["response_format"] = response_format.openai_response_format()
         response = self._client.chat.completions.create(**kwargs)
         if not response.choices:
             raise LLMRequestRejected(f"{self.spec.label}: the response has no choices")
@@ -293,6 +315,24 @@ class OpenAIClient(_RetryingClient):
             output_tokens=(usage.completion_tokens or 0) if usage else 0,
             stop_reason=choice.finish_reason,
         )
+
+    def _served_models(self) -> list[str] | None:
+        if self.spec.provider != "openai-compatible":
+            return None  # OpenAI's list is long and a key may not be allowed to read it
+        try:
+            page = self._client.models.list(timeout=min(10.0, self.settings.timeout_s))
+        except self._errors.APIConnectionError as exc:
+            os_error = limits.unreachable_os_error(exc)
+            if os_error is not None:
+                raise limits.unreachable(self.spec.label, self.base_url or "?", os_error) from None
+            return None
+        except Exception as exc:  # no list (404, an old server): the first call will tell
+            log.debug("%s: no model list (%s)", self.spec.label, _describe(exc))
+            return None
+        return [m.id for m in getattr(page, "data", []) if getattr(m, "id", None)]
+
+    def _is_timeout(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._errors.APITimeoutError)
 
     def _retryable(self, exc: BaseException) -> bool:
         e = self._errors
@@ -315,6 +355,7 @@ class AnthropicClient(_RetryingClient):
                 "(or GROUNDLOOP_ANTHROPIC_API_KEY), or pick another model"
             )
         self._errors = anthropic
+        self.base_url = spec.base_url or settings.anthropic_base_url or "https://api.anthropic.com"
         self._client = anthropic.Anthropic(
             api_key=settings.anthropic_api_key.get_secret_value(),
             base_url=spec.base_url or settings.anthropic_base_url,
@@ -330,6 +371,7 @@ class AnthropicClient(_RetryingClient):
         *,
         timeout: float,
         thinking_budget: int | None,
+        response_format: JsonSchema | None = None,
     ) -> _Raw:
         kwargs: dict[str, Any] = {
             "model": self.spec.model,
@@ -347,10 +389,15 @@ class AnthropicClient(_RetryingClient):
             kwargs["max_tokens"] = max_tokens
             if self.settings.temperature is not None:
                 kwargs["temperature"] = self.settings.temperature
+            if response_format is not None:  # a forced tool call cannot follow thinking
+                kwargs["tools"] = [response_format.anthropic_tool()]
+                kwargs["tool_choice"] = {"type": "tool", "name": response_format.name}
         response = self._client.messages.create(**kwargs)
         text = "".join(
             block.text for block in response.content if getattr(block, "type", "") == "text"
         )
+        if response_format is not None and not budget:
+            text = tool_input_text(response.content, response_format.name) or text
         u = response.usage
         input_tokens = (
             (u.input_tokens or 0)
@@ -363,6 +410,9 @@ class AnthropicClient(_RetryingClient):
             output_tokens=u.output_tokens or 0,
             stop_reason=response.stop_reason,
         )
+
+    def _is_timeout(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._errors.APITimeoutError)
 
     def _retryable(self, exc: BaseException) -> bool:
         e = self._errors

@@ -3,27 +3,23 @@
     python -m groundloop.api [--host 127.0.0.1] [--port 8000] [--no-projector] [--no-http]
 
 Settings come from GROUNDLOOP_* variables (GROUNDLOOP_NATS_URL, GROUNDLOOP_DB_URL, …).
-SIGINT/SIGTERM stop both: the HTTP server finishes its requests, the projector its event.
+The projector is the role (groundloop.api.service.PROJECTOR); the HTTP server runs beside it
+(groundloop.skeleton.serve). SIGINT/SIGTERM stop both: the HTTP server finishes its
+requests, the projector its event; either one ending stops the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
-from groundloop import telemetry
+from groundloop.api.service import PROJECTOR
 from groundloop.settings import Settings
+from groundloop.skeleton import Companion, serve
 
 
-async def serve(settings: Settings, host: str, port: int, projector: bool, http: bool) -> None:
-    from groundloop.api import service
-
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    tasks = [service.run(settings, stop)] if projector else []
-    if http:
+def http_server(host: str, port: int) -> Companion:
+    async def serve_http(settings: Settings, stop: asyncio.Event) -> None:
         import uvicorn
 
         from groundloop.api.app import create_app
@@ -32,28 +28,34 @@ async def serve(settings: Settings, host: str, port: int, projector: bool, http:
             uvicorn.Config(create_app(settings), host=host, port=port, log_config=None)
         )
 
-        async def http_until_stopped() -> None:
+        async def exit_on_stop() -> None:
+            await stop.wait()
+            server.should_exit = True  # the projector ended: finish the requests in hand
+
+        watcher = asyncio.create_task(exit_on_stop())
+        try:
             # uvicorn handles the signals while it serves and re-raises them when done.
             await server.serve()
-            stop.set()
+        finally:
+            watcher.cancel()
 
-        tasks.append(http_until_stopped())
-    await asyncio.gather(*tasks)
+    return serve_http
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m groundloop.api", description=__doc__.splitlines()[0]
+        prog="python -m groundloop.api", description=(__doc__ or "").splitlines()[0]
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-projector", action="store_true", help="serve the API only")
     parser.add_argument("--no-http", action="store_true", help="run the projector only")
-    args = parser.parse_args()
-    settings = Settings()
-    telemetry.configure_logging(settings)
-    telemetry.configure_tracing(settings, "api")
-    asyncio.run(serve(settings, args.host, args.port, not args.no_projector, not args.no_http))
+    args = parser.parse_args(argv)
+    serve(
+        "api",
+        None if args.no_projector else lambda _settings: PROJECTOR,
+        beside=[] if args.no_http else [http_server(args.host, args.port)],
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ replica: the fold assumes a single writer per role, see projector.py). Emits: no
 Each event's projection change and its processed_events record commit together, so a
 redelivery after a crash between commit and ack changes nothing.
 
+`PROJECTOR` declares the role for groundloop.skeleton; `await run(settings, stop)` serves it.
 Run alone:  python -m groundloop.api --no-http
 Rebuild from the log: `groundloop replay rebuild` (drops the tables, then `project_all`).
 """
@@ -12,18 +13,21 @@ Rebuild from the log: `groundloop replay rebuild` (drops the tables, then `proje
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from groundloop.api.projector import ROLE, apply
+from groundloop.api.store import create_tables, make_engine
 from groundloop.bus import Bus, describe
-from groundloop.consumer import Delivery, consume
+from groundloop.consumer import Delivery
 from groundloop.events import Event
 from groundloop.settings import Settings
-from groundloop.api.store import create_tables, make_engine
+from groundloop.skeleton import Role, run_role
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +45,37 @@ def handle(event: Event, deps: ProjectorDeps, seq: int | None = None) -> list[Ev
     return []
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Project the bus until `stop` is set (blocking SQL runs in a worker thread so the
-    consumer loop keeps acking and heartbeating)."""
-    stop = stop or asyncio.Event()
+async def on_event(event: Event, delivery: Delivery, deps: ProjectorDeps) -> list[Event]:
+    # Blocking SQL runs in a worker thread so the consumer loop keeps acking and heartbeating.
+    seq = delivery.msg.metadata.sequence.stream if delivery.msg is not None else None
+    return await asyncio.to_thread(handle, event, deps, seq)
+
+
+@contextlib.asynccontextmanager
+async def projections(
+    settings: Settings, _bus: Bus, _stop: asyncio.Event
+) -> AsyncIterator[ProjectorDeps]:
     engine = make_engine(settings.resolved_db_url())
-    create_tables(engine)
-    deps = ProjectorDeps(engine)
-    bus = await Bus.connect(settings, ROLE)
-
-    async def on_event(event: Event, delivery: Delivery) -> list[Event]:
-        seq = delivery.msg.metadata.sequence.stream if delivery.msg is not None else None
-        return await asyncio.to_thread(handle, event, deps, seq)
-
-    log.info("projector: folding %s into %s", bus.subject_filter(), engine.url.render_as_string())
     try:
-        # history=True: copied (forked/imported) events are projected like any other;
-        # dedupe=False: processed_events is written in the same SQL transaction as the fold.
-        await consume(bus, ROLE, [bus.subject_filter()], on_event, stop=stop, history=True, dedupe=False)
+        create_tables(engine)
+        log.info("projector: folding into %s", engine.url.render_as_string())
+        yield ProjectorDeps(engine)
     finally:
-        await bus.close()
         engine.dispose()
+
+
+# history=True: copied (forked/imported) events are projected like any other;
+# dedupe=False: processed_events is written in the same SQL transaction as the fold.
+PROJECTOR = Role(
+    name=ROLE,
+    consumes=(),
+    deps=projections,
+    handle=on_event,
+    history=True,
+    dedupe=False,
+)
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Project the bus until `stop` is set."""
+    await run_role(PROJECTOR, settings, stop or asyncio.Event())

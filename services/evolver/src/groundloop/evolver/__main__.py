@@ -7,12 +7,12 @@ and SearchCompleted (see service.py). SIGTERM or Ctrl-C stops it after the event
 
 from __future__ import annotations
 
-from groundloop.evolver.service import run
+from groundloop.evolver.service import role
 from groundloop.skeleton import serve
 
 
 def main() -> None:
-    serve("evolver", run)
+    serve("evolver", lambda _settings: role())
 
 
 if __name__ == "__main__":

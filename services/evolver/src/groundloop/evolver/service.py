@@ -9,6 +9,7 @@ generation: the bus refuses a second on the per-generation subject), SearchCompl
 
     handle(event, deps) -> list[Event]     fold the event, then decide (pure apart from deps)
     tick(deps) -> list[Event]              decide for every active search (deadlines)
+    role(tick_s=1.0)                       the service, declared for groundloop.skeleton
     await run(settings, stop)              the service on the bus
     python -m groundloop.evolver           run it alone (GROUNDLOOP_NATS_URL must be set)
 
@@ -19,15 +20,16 @@ state.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from nats.js.errors import NotFoundError
 
 from groundloop.bus import Bus
-from groundloop.consumer import consume
-from groundloop.execution.environment import Environment
+from groundloop.consumer import Delivery
 from groundloop.events import (
     EVENT_TYPES,
     Event,
@@ -36,7 +38,9 @@ from groundloop.events import (
     PolicyUpdated,
     decode,
 )
+from groundloop.execution.environment import Environment
 from groundloop.settings import Settings
+from groundloop.skeleton import Role, run_role
 
 from .decisions import (
     PRODUCER,
@@ -61,6 +65,7 @@ __all__ = [
     "decide",
     "handle",
     "reeval_run_id",
+    "role",
     "run",
     "seeds_for",
     "tick",
@@ -197,6 +202,39 @@ class EvolverLoop:
                 self.last_seq = result.seq
 
 
+def role(*, tick_s: float = 1.0, deps: Deps | None = None) -> Role[EvolverLoop]:
+    """The evolver on the bus: on start, rebuild every search's state from the log (and
+    publish any decision lost in a crash); then consume events, with a deadline tick every
+    `tick_s` seconds beside the consumer until `stop` is set."""
+
+    @contextlib.asynccontextmanager
+    async def context(
+        settings: Settings, bus: Bus, stop: asyncio.Event
+    ) -> AsyncIterator[EvolverLoop]:
+        loop = EvolverLoop(
+            bus, deps or Deps(environments=ManifestLookup(settings.environments_dir))
+        )
+        await loop.rebuild()
+        ticker = asyncio.create_task(loop.tick_forever(stop, tick_s))
+        try:
+            yield loop
+        finally:
+            stop.set()  # the consumer is done (or failed): the ticker goes too
+            await ticker
+
+    async def on_event(event: Event, delivery: Delivery, loop: EvolverLoop) -> list[Event]:
+        return await loop.on_event(event, delivery)
+
+    # history=True: copied (forked/imported) events are part of the state it decides on
+    return Role(
+        name=PRODUCER,
+        consumes=CONSUMED_TYPES,
+        deps=context,
+        handle=on_event,
+        history=True,
+    )
+
+
 async def run(
     settings: Settings,
     stop: asyncio.Event | None = None,
@@ -206,19 +244,4 @@ async def run(
 ) -> None:
     """Rebuild every search's state from the log, then consume events and tick for deadlines
     until `stop` is set."""
-    stop = stop or asyncio.Event()
-    deps = deps or Deps(environments=ManifestLookup(settings.environments_dir))
-    bus = await Bus.connect(settings, name=PRODUCER)
-    try:
-        loop = EvolverLoop(bus, deps)
-        await loop.rebuild()
-        filters = [bus.subject_filter(type=cls.TYPE) for cls in CONSUMED_TYPES]
-        ticker = asyncio.create_task(loop.tick_forever(stop, tick_s))
-        try:
-            # history=True: copied (forked/imported) events are part of the state it decides on
-            await consume(bus, PRODUCER, filters, loop.on_event, stop=stop, history=True)
-        finally:
-            stop.set()
-            await ticker
-    finally:
-        await bus.close()
+    await run_role(role(tick_s=tick_s, deps=deps), settings, stop or asyncio.Event())

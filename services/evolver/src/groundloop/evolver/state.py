@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from groundloop.events import (
     Event,
     GenerationAdvanced,
-    GenerationPlan,
     GenerationSummary,
     IdeaProposed,
     PatchFailed,
@@ -36,76 +34,13 @@ from groundloop.events import (
 )
 
 from .algorithm import PastIdea
+from .records import TERMINAL_IDEA_STATUSES as TERMINAL_IDEA_STATUSES
+from .records import TERMINAL_RUN_STATUSES as TERMINAL_RUN_STATUSES
+from .records import GenerationRecord as GenerationRecord
+from .records import IdeaRecord as IdeaRecord
+from .records import PatchRef as PatchRef
+from .records import RunRecord as RunRecord
 from .stats import mean
-
-TERMINAL_RUN_STATUSES = frozenset({"succeeded", "failed", "timed_out", "killed", "rejected"})
-TERMINAL_IDEA_STATUSES = frozenset({"patch_failed", "done"})
-# An idea's status only moves forward; a late or redelivered event never moves it back.
-_IDEA_STATUS_RANK = {"proposed": 0, "patched": 1, "running": 2, "done": 3, "patch_failed": 3}
-
-
-@dataclass
-class RunRecord:
-    run_id: str
-    purpose: str  # search | baseline | reeval
-    idea_id: str | None
-    seed: int
-    generation: int
-    patch_id: str | None = None
-    status: str = "requested"  # requested | running | one of TERMINAL_RUN_STATUSES
-    score: float | None = None
-    reward: float = 0.0
-    gpu_seconds: float = 0.0
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL_RUN_STATUSES
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == "succeeded" and self.score is not None
-
-
-@dataclass
-class PatchRef:
-    """What a re-evaluation run needs to rebuild an idea's workspace."""
-
-    patch_id: str
-    diff: str | None
-    diff_key: str | None
-    resource_class: str
-
-
-@dataclass
-class IdeaRecord:
-    idea_id: str
-    generation: int
-    order: int  # position of first appearance in the log: the stable tie-breaker
-    mode: str = "fresh"
-    title: str = ""
-    parent_ids: list[str] = field(default_factory=list)
-    status: str = "proposed"
-    patch: PatchRef | None = None
-    run_ids: list[str] = field(default_factory=list)
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL_IDEA_STATUSES
-
-
-@dataclass
-class GenerationRecord:
-    generation: int
-    event_id: str | None = None
-    opened_at: datetime | None = None
-    plan: GenerationPlan | None = None
-    idea_ids: list[str] = field(default_factory=list)
-    baseline_run_ids: list[str] = field(default_factory=list)
-
-    @property
-    def planned(self) -> int:
-        plan = self.plan or GenerationPlan()
-        return plan.fresh + plan.explore + plan.exploit
 
 
 @dataclass
@@ -175,7 +110,7 @@ class SearchState:
         idea = self._idea(event.idea_id, event.generation)
         if idea.patch is None and idea.status != "patch_failed":
             idea.patch = PatchRef(event.patch_id, event.diff, event.diff_key, event.resource_class)
-            _advance(idea, "patched")
+            idea.advance("patched")
 
     def _on_patch_failed(self, event: PatchFailed) -> None:
         self.cost_usd += event.usage.cost_usd
@@ -206,7 +141,7 @@ class SearchState:
         if not run.terminal:
             run.status = "running"
         if run.purpose == "search" and run.idea_id in self.ideas:
-            _advance(self.ideas[run.idea_id], "running")
+            self.ideas[run.idea_id].advance("running")
 
     def _on_run_completed(self, event: RunCompleted) -> None:
         run = self.runs.get(event.run_id)
@@ -229,7 +164,7 @@ class SearchState:
             if run.run_id not in idea.run_ids:
                 idea.run_ids.append(run.run_id)
             if run.purpose == "search":
-                _advance(idea, "done")
+                idea.advance("done")
         elif run.purpose == "baseline":
             self._generation(event.generation).baseline_run_ids.append(run.run_id)
 
@@ -397,11 +332,6 @@ class SearchState:
         if following >= config.generations:
             return f"completed {config.generations} generations"
         return None
-
-
-def _advance(idea: IdeaRecord, status: str) -> None:
-    if _IDEA_STATUS_RANK[status] > _IDEA_STATUS_RANK[idea.status]:
-        idea.status = status
 
 
 _APPLIERS = {

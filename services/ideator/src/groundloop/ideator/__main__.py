@@ -7,13 +7,13 @@ SIGTERM or Ctrl-C: stop fetching, finish the generation in hand, exit.
 
 from __future__ import annotations
 
-from groundloop.ideator.service import run
+from groundloop.ideator.service import role
 from groundloop.llm.client import LLMSettings
 from groundloop.skeleton import serve
 
 
 def main() -> None:
-    serve("ideator", lambda settings, stop: run(settings, stop, llm_settings=LLMSettings()))
+    serve("ideator", lambda _settings: role(llm_settings=LLMSettings()))
 
 
 if __name__ == "__main__":

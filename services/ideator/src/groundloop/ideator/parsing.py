@@ -1,16 +1,22 @@
 """Ideas out of model text, and the duplicate filter that keeps a search's ideas distinct.
 
-Two formats are accepted, with any chatter around them:
+Three shapes are accepted, with any chatter around them:
 
     [Experiment] what to try and why ...           (the paper's format; "[End]" closes an
     [Code Changes] what to change in the code ...   idea; a final idea without [End] is kept
     [End]                                           when its [Code Changes] has text)
 
-    {"ideas": [{"title": ..., "experiment": ..., "code_changes": ...}, ...]}   or a bare list,
-    possibly inside a ```json fence.
+    its Markdown renderings, as small models write it: `### Experiment 1: title` headings,
+    `**Experiment**:` / `**Code Changes:**` bold labels, numbered lists, `## Idea 2: title`
+    headings over labelled parts;
 
-Near-duplicates are judged on normalised text (lower case, words only): the same words, a
-token Jaccard similarity or a difflib ratio at or above the threshold.
+    {"ideas": [{"title": ..., "experiment": ..., "code_changes": ...}, ...]}   or a bare list,
+    possibly inside a ```json fence (what structured output returns: prompts.idea_schema()).
+
+An idea that repeats the prompt's format template instead of saying something is rejected,
+with the reason (`parse_ideas_report`). Near-duplicates are judged on normalised text (lower
+case, words only): the same words, a token Jaccard similarity or a difflib ratio at or above
+the threshold.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import difflib
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _IDEA = re.compile(
     r"\[\s*experiment(?:\s*\d+)?\s*\](?P<experiment>.*?)"
@@ -129,9 +135,148 @@ def parse_json_format(text: str) -> list[ParsedIdea]:
     return []
 
 
+# ---------------------------------------------------------------------------- Markdown
+
+_MD_LABEL = re.compile(
+    r"^\s*(?:(?:\d+[.)]|[-*+])\s+)?(?P<heading>#{1,6}\s*)?(?P<bold>\*\*|__)?\s*(?P<bracket>\[)?\s*"
+    r"(?P<label>experiment|idea|proposal|code\s+changes?|implementation|changes|end)\b"
+    r"\s*(?P<num>\d+)?\s*\]?\s*(?P<bold2>\*\*|__)?\s*(?P<colon>[:.\-–—])?\s*(?:\*\*|__)?\s*"
+    r"(?P<rest>.*)$",
+    re.IGNORECASE,
+)
+_MD_HEADING = re.compile(r"^\s*#{1,6}\s+(?P<title>.+?)\s*#*\s*$")
+
+
+def _md_label(line: str) -> tuple[str, str] | None:
+    """(kind, rest of the line) for a label line; "Experiment with a bigger batch" is prose."""
+    m = _MD_LABEL.match(line)
+    if m is None:
+        return None
+    marked = m["heading"] or m["bold"] or m["bracket"] or m["colon"] or m["num"]
+    if not marked:
+        return None
+    label = m["label"].lower()
+    kind = (
+        "experiment"
+        if label == "experiment"
+        else "idea"
+        if label in ("idea", "proposal")
+        else "end"
+        if label == "end"
+        else "changes"
+    )
+    if kind == "idea" and not (m["heading"] or m["num"] or m["bold"]):
+        return None  # "Idea: ..." alone reads as prose more often than as a header
+    return kind, m["rest"].strip()
+
+
+@dataclass
+class _Draft:
+    title: str = ""
+    experiment: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    section: str = "experiment"
+
+    def idea(self) -> ParsedIdea | None:
+        experiment = _clean("\n".join(self.experiment))
+        changes = _clean("\n".join(self.changes))
+        if len(experiment) < MIN_EXPERIMENT_CHARS or not changes:
+            return None
+        title = _clean(self.title).strip("\"'`") or make_title(experiment)
+        return ParsedIdea(title[:TITLE_CHARS], experiment, changes)
+
+
+def parse_markdown_format(text: str) -> list[ParsedIdea]:
+    """Ideas written with Markdown headings, bold labels and numbered lists."""
+    drafts: list[_Draft] = []
+    draft: _Draft | None = None
+    pending_title = ""
+    for line in text.split("\n"):
+        label = _md_label(line)
+        kind, rest = label if label else ("", "")
+        if kind == "idea":
+            draft = _Draft(title=rest)
+            drafts.append(draft)
+        elif kind == "experiment":
+            if draft is None or draft.experiment or draft.changes:
+                draft = _Draft(title=pending_title)
+                drafts.append(draft)
+            pending_title = ""
+            draft.section = "experiment"
+            if rest:
+                draft.experiment.append(rest)
+        elif kind == "changes":
+            if draft is not None:
+                draft.section = "changes"
+                if rest:
+                    draft.changes.append(rest)
+        elif kind == "end":
+            draft = None
+        elif _MD_HEADING.match(line) and (draft is None or draft.changes):
+            pending_title, draft = _MD_HEADING.match(line)["title"], None  # type: ignore[index]
+        elif draft is not None:
+            (draft.changes if draft.section == "changes" else draft.experiment).append(line)
+    return [idea for idea in (d.idea() for d in drafts) if idea is not None]
+
+
+# ---------------------------------------------------------------------------- the template
+
+# The field descriptions of prompts.FORMAT (and of the earlier prompt): an idea made of them
+# is the model copying the template, not an idea. Kept here, next to the check, as words.
+TEMPLATE_PHRASES = (
+    "what to change and why it should improve",
+    "concrete edits to the editable files",
+    "names of functions constants values",
+    "function names constants values",
+    "one paragraph what to change",
+)
+
+
+def template_reason(idea: ParsedIdea) -> str | None:
+    """Why `idea` is the prompt's template rather than an idea, or None."""
+    for part, name in ((idea.experiment, "[Experiment]"), (idea.code_changes, "[Code Changes]")):
+        words = " ".join(re.findall(r"[a-z0-9]+", part.lower()))
+        for phrase in TEMPLATE_PHRASES:
+            if phrase in words:
+                return (
+                    f"its {name} part repeats the prompt's format template ({phrase!r}) "
+                    "instead of describing a concrete change"
+                )
+    return None
+
+
+@dataclass(frozen=True)
+class IdeaParse:
+    ideas: list[ParsedIdea]
+    rejected: list[str]  # one reason per idea-shaped text that was not accepted
+    shape: str  # "bracket" | "markdown" | "json" | "none"
+
+
+def parse_ideas_report(text: str) -> IdeaParse:
+    """The ideas in `text` and why any idea-shaped part was rejected. The bracket format wins,
+    then Markdown, then JSON (which an answer that is only JSON tries first)."""
+    stripped = re.sub(r"^```\w*\s*|\s*```$", "", text.strip())
+    parsers = [("bracket", parse_bracket_format), ("markdown", parse_markdown_format)]
+    json_first = stripped.startswith(("{", "["))
+    parsers.insert(0 if json_first else 2, ("json", parse_json_format))
+    for shape, parser in parsers:
+        found = parser(text)
+        if not found:
+            continue
+        ideas, rejected = [], []
+        for idea in found:
+            why = template_reason(idea)
+            if why is None:
+                ideas.append(idea)
+            else:
+                rejected.append(f"{idea.title!r}: {why}")
+        return IdeaParse(ideas, rejected, shape)
+    return IdeaParse([], [], "none")
+
+
 def parse_ideas(text: str) -> list[ParsedIdea]:
-    """Ideas in `text`, in order; the bracket format wins when both are present."""
-    return parse_bracket_format(text) or parse_json_format(text)
+    """Ideas in `text`, in order, without template echoes (see parse_ideas_report)."""
+    return parse_ideas_report(text).ideas
 
 
 # ---------------------------------------------------------------------------- duplicates

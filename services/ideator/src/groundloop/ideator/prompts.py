@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from groundloop.ideator.history import IdeaRecord
+from groundloop.llm.structured import JsonSchema
 from groundloop.manifest import Metric
 
 SYSTEM = (
@@ -22,11 +23,20 @@ SYSTEM = (
     "time limit."
 )
 
-FORMAT = """Write each idea in exactly this format, one after another:
+# Described in words, with no fill-in line a model could copy as an idea (a 1.5B model
+# returned the old template's placeholder text as its idea); parsing.TEMPLATE_PHRASES still
+# rejects an idea made of these descriptions.
+FORMAT = """Write the ideas one after another. Each idea has three parts, each starting on a new line:
+- the marker [Experiment], then one paragraph: what to change and why it should improve \
+{metric} ({direction});
+- the marker [Code Changes], then the concrete edits to the editable files: the names of the \
+functions and constants to change and their new values;
+- the marker [End].
+Write the markers exactly as shown, in square brackets, without Markdown."""
 
-[Experiment] One paragraph: what to change and why it should improve {metric} ({direction}).
-[Code Changes] Concrete edits to the editable files (names of functions, constants, values).
-[End]"""
+FORMAT_JSON = """Answer with a JSON object {{"ideas": [...]}} holding {count} ideas, each an object \
+with "title" (a few words), "experiment" (one paragraph: what to change and why it should \
+improve {metric}, {direction}) and "code_changes" (the concrete edits to the editable files)."""
 
 CONTEXT_CHARS = 600  # per context idea; 100 ideas stay well inside any model's window
 
@@ -53,8 +63,10 @@ def build_prompt(
     context: list[IdeaRecord],
     baseline_score: float | None,
     written_this_generation: list[str],
+    structured: bool = False,
 ) -> str:
-    """The user message asking for `count` ideas in `mode`."""
+    """The user message asking for `count` ideas in `mode`; `structured`: the answer comes as
+    JSON (the call passes `idea_schema()` as its response format)."""
     parts = [environment.rstrip(), ""]
     better = "lower" if metric.direction == "minimize" else "higher"
     base = (
@@ -86,9 +98,48 @@ def build_prompt(
     if written_this_generation:
         parts += ["", "Ideas already written in this round (do not repeat them):"]
         parts += [f"- {title}" for title in written_this_generation]
-    parts += ["", FORMAT.format(metric=metric.name, direction=f"{better} is better")]
+    template = FORMAT_JSON if structured else FORMAT
+    direction = f"{better} is better"
+    parts += ["", template.format(metric=metric.name, direction=direction, count=count)]
     return "\n".join(parts) + "\n"
 
 
 def prompt_digest(system: str, prompt: str) -> str:
     return hashlib.sha256(f"{system}\n\n{prompt}".encode()).hexdigest()
+
+
+def idea_schema(max_ideas: int | None = None) -> JsonSchema:
+    """Structured output for ideas: pass as `client.complete(..., response_format=...)`
+    (OpenAI-compatible: response_format json_schema; Anthropic: a forced tool). The answer
+    parses with parsing.parse_ideas like any other."""
+    ideas: dict = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "title": {"type": "string", "description": "a few words naming the idea"},
+                "experiment": {
+                    "type": "string",
+                    "description": "one paragraph: what to change and why it should help",
+                },
+                "code_changes": {
+                    "type": "string",
+                    "description": "the concrete edits to the editable files",
+                },
+            },
+            "required": ["title", "experiment", "code_changes"],
+            "additionalProperties": False,
+        },
+    }
+    if max_ideas is not None:  # OpenAI's strict mode refuses maxItems; others honour it
+        ideas["description"] = f"at most {max_ideas} ideas"
+    return JsonSchema(
+        "ideas",
+        {
+            "type": "object",
+            "properties": {"ideas": ideas},
+            "required": ["ideas"],
+            "additionalProperties": False,
+        },
+        "Record the proposed research ideas.",
+    )

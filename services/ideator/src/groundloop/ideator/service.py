@@ -10,22 +10,25 @@ derived from the GenerationAdvanced and the slot, so a redelivery re-publishes t
 For "rl" searches the rl-trainer writes the ideas; the ideator emits nothing.
 
 The search's history (SearchStarted, ideas and their results) is folded from the log by
-`run` and handed to `handle` through IdeatorDeps, so tests need no broker.
+`on_generation` and handed to `handle` through IdeatorDeps, so tests need no broker. A search
+whose SearchStarted is not in the log yet is retried (SearchNotStarted); one the ideator can
+never serve is rejected (IdeatorError); a model that is down is retried after 30 s.
 
+`role()` declares the service for groundloop.skeleton; `await run(settings, stop)` serves it.
 Run alone:  python -m groundloop.ideator   (GROUNDLOOP_NATS_URL, model keys in the environment)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from groundloop.bus import Bus, describe
-from groundloop.consumer import Delivery, Reject, Retry, consume
-from groundloop.execution.environment import Environment
+from groundloop.consumer import Delivery, Reject, Retry
 from groundloop.events import (
     Event,
     GenerationAdvanced,
@@ -36,6 +39,7 @@ from groundloop.events import (
     Usage,
     stable_id,
 )
+from groundloop.execution.environment import Environment
 from groundloop.ideator.history import IdeaRecord, SearchHistory
 from groundloop.ideator.knobs import KnobProposer
 from groundloop.ideator.parsing import DuplicateFilter, ParsedIdea, parse_ideas
@@ -43,13 +47,21 @@ from groundloop.ideator.prompts import SYSTEM, build_prompt, prompt_digest
 from groundloop.llm.client import ClientCache, LLMClient, LLMError, LLMSettings
 from groundloop.llm.pricing import add_usage
 from groundloop.settings import Settings
+from groundloop.skeleton import Role, run_role
 
 log = logging.getLogger(__name__)
 PRODUCER = "ideator"
 
 
-class IdeatorError(ValueError):
+class IdeatorError(Reject):
     """A search the ideator can never serve as configured (no model named, no knobs…)."""
+
+
+class SearchNotStarted(Retry):
+    """The search's SearchStarted is not in the log yet (the log may still be catching up)."""
+
+    def __init__(self, search_id: str):
+        super().__init__(f"search {search_id} has no SearchStarted in the log", delay=2.0)
 
 
 @dataclass
@@ -99,7 +111,7 @@ def _idea_event(
 
 def _started(deps: IdeatorDeps) -> SearchStarted:
     if deps.history.started is None:
-        raise IdeatorError(f"search {deps.history.search_id} has no SearchStarted in the log")
+        raise SearchNotStarted(deps.history.search_id)
     return deps.history.started
 
 
@@ -306,7 +318,51 @@ def _propose_llm(
     return out
 
 
-# ---------------------------------------------------------------------------- the service loop
+# ---------------------------------------------------------------------------- the service
+
+
+@dataclass(frozen=True)
+class IdeatorContext:
+    """What one ideator process keeps between events; the history is read per event."""
+
+    bus: Bus
+    settings: Settings
+    clients: ClientCache
+
+    def environment(self, name: str) -> Environment:
+        return Environment.load(name, self.settings.environments_dir)
+
+
+async def on_generation(event: Event, delivery: Delivery, ctx: IdeatorContext) -> list[Event]:
+    if not isinstance(event, GenerationAdvanced):
+        return []
+    history = SearchHistory.from_events(
+        event.search_id, [e async for e in ctx.bus.events(event.search_id)]
+    )
+    deps = IdeatorDeps(history=history, environment=ctx.environment, llm=ctx.clients)
+    try:
+        async with delivery.heartbeat():
+            return await asyncio.to_thread(handle, event, deps)
+    except LLMError as exc:
+        if exc.retryable:
+            raise Retry(str(exc), delay=30.0) from None
+        raise Reject(str(exc)) from None
+
+
+def role(*, llm_settings: LLMSettings | None = None, concurrency: int = 2) -> Role[IdeatorContext]:
+    @contextlib.asynccontextmanager
+    async def context(
+        settings: Settings, bus: Bus, _stop: asyncio.Event
+    ) -> AsyncIterator[IdeatorContext]:
+        yield IdeatorContext(bus, settings, ClientCache(llm_settings))
+
+    return Role(
+        name=PRODUCER,
+        consumes=(GenerationAdvanced,),
+        deps=context,
+        handle=on_generation,
+        concurrency=concurrency,
+    )
 
 
 async def run(
@@ -316,40 +372,5 @@ async def run(
     llm_settings: LLMSettings | None = None,
     concurrency: int = 2,
 ) -> None:
-    stop = stop or asyncio.Event()
-    bus = await Bus.connect(settings, PRODUCER)
-    clients = ClientCache(llm_settings)
-
-    def environment(name: str) -> Environment:
-        return Environment.load(name, settings.environments_dir)
-
-    async def handler(event: Event, delivery: Delivery) -> list[Event]:
-        if not isinstance(event, GenerationAdvanced):
-            return []
-        history = SearchHistory.from_events(
-            event.search_id, [e async for e in bus.events(event.search_id)]
-        )
-        deps = IdeatorDeps(history=history, environment=environment, llm=clients)
-        try:
-            async with delivery.heartbeat():
-                return await asyncio.to_thread(handle, event, deps)
-        except IdeatorError as exc:
-            if history.started is None and not delivery.last_attempt:
-                raise Retry(str(exc), delay=2.0) from None  # the log may still be catching up
-            raise Reject(str(exc)) from None
-        except LLMError as exc:
-            if exc.retryable and not delivery.last_attempt:
-                raise Retry(str(exc), delay=30.0) from None
-            raise Reject(str(exc)) from None
-
-    try:
-        await consume(
-            bus,
-            PRODUCER,
-            [bus.subject_filter(type=GenerationAdvanced.TYPE)],
-            handler,
-            stop=stop,
-            concurrency=concurrency,
-        )
-    finally:
-        await bus.close()
+    role_ = role(llm_settings=llm_settings, concurrency=concurrency)
+    await run_role(role_, settings, stop or asyncio.Event())

@@ -7,13 +7,13 @@ SIGTERM or Ctrl-C: stop fetching, finish the idea in hand, exit.
 
 from __future__ import annotations
 
-from groundloop.implementer.service import run
+from groundloop.implementer.service import role
 from groundloop.llm.client import LLMSettings
 from groundloop.skeleton import serve
 
 
 def main() -> None:
-    serve("implementer", lambda settings, stop: run(settings, stop, llm_settings=LLMSettings()))
+    serve("implementer", lambda _settings: role(llm_settings=LLMSettings()))
 
 
 if __name__ == "__main__":

@@ -1,34 +1,49 @@
 """An idea turned into a patch by a language model, with self-revision and parallel samples.
 
 The model sees the idea, the environment's description and editable files (protected files
-are named with a notice, never shown) and the rules. It answers with a unified diff or with
-SEARCH/REPLACE blocks. Each answer is checked by `check(diff)` (strict apply + pre-flight);
-on an error the model sees the error and revises, up to `revisions` times. `samples`
-conversations run in parallel threads and the first whose patch passes wins; the others stop
-after their current step (their smoke runs are killed through groundloop.execution.sandbox.cancel_on).
+are named with a notice, never shown) and the rules, and answers in the edit format chosen
+for it (`groundloop.implementer.edit_formats`: a unified diff, SEARCH/REPLACE blocks or whole
+files; `default_edit_format` picks by model strength). Each answer becomes a diff checked by
+`check(diff)` (strict apply + pre-flight); on an error the model sees the error, with the
+file's real lines around what it got wrong, and revises, up to `revisions` times. An answer
+that repeats an earlier one, echoes the prompt's example, is cut off or has no edit moves the
+conversation to the next format (diff -> search/replace -> whole file); a repeat with no
+format left ends it. `samples` conversations run in parallel threads and the first whose patch
+passes wins; the others stop after their current step (their smoke runs are killed through
+groundloop.execution.sandbox.cancel_on).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Literal
 
-from groundloop.execution.applier import PatchRejected, search_replace_to_diff
-from groundloop.execution.environment import Environment
 from groundloop.events import Usage
-from groundloop.llm.client import LLMClient, LLMError
-from groundloop.llm.pricing import add_usage
+from groundloop.execution.applier import PatchRejected
+from groundloop.execution.environment import Environment
 from groundloop.execution.sandbox import cancel_on
+from groundloop.implementer.edit_formats import EDIT_FORMATS as EDIT_FORMATS
+from groundloop.implementer.edit_formats import (
+    AnswerRejected,
+    EditFormat,
+    extract_edit,
+    fallback_order,
+    format_instructions,
+    nearby_real_lines,
+)
+from groundloop.implementer.edit_formats import default_edit_format as default_edit_format
+from groundloop.llm.client import Completion, LLMClient, LLMError
+from groundloop.llm.pricing import add_usage
 
 log = logging.getLogger(__name__)
 
 Stage = Literal["model", "apply", "preflight"]
 ERROR_CHARS = 4000  # of an error shown back to the model
+TRUNCATED = ("length", "max_tokens")  # OpenAI's and Anthropic's stop reasons for a cut answer
 
 SYSTEM = (
     "You are an expert machine-learning engineer. You implement a research idea as a minimal, "
@@ -36,31 +51,8 @@ SYSTEM = (
     "change the evaluation, the data or the time limit, and your patch must apply exactly."
 )
 
-FORMAT = """Answer with the patch in ONE of these two formats (nothing else is applied):
 
-1. A unified diff in a ```diff block, against the files exactly as shown:
-```diff
---- a/{file}
-+++ b/{file}
-@@ -10,7 +10,7 @@
- unchanged context line
--old line
-+new line
- unchanged context line
-```
-Context lines must match the file exactly and the @@ line counts must be right.
-
-2. SEARCH/REPLACE blocks, each preceded by the file's path:
-{file}
-<<<<<<< SEARCH
-lines copied exactly from the file
-=======
-the replacement lines
->>>>>>> REPLACE
-"""
-
-
-def build_prompt(env: Environment, title: str, idea: str) -> str:
+def build_prompt(env: Environment, title: str, idea: str, edit_format: EditFormat = "diff") -> str:
     m = env.manifest
     new_files = (
         f"New files may be created only where they match: {', '.join(m.new_files)}."
@@ -88,41 +80,49 @@ def build_prompt(env: Environment, title: str, idea: str) -> str:
                 "## Rules",
                 *rules,
                 "",
-                FORMAT.format(file=m.editable[0]),
+                "## Answer format",
+                format_instructions(edit_format, env.editable_sources()).rstrip(),
             ]
         )
         + "\n"
     )
 
 
-def revision_prompt(stage: Stage, error: str) -> str:
+def revision_prompt(
+    stage: Stage,
+    error: str,
+    *,
+    nearby: str = "",
+    edit_format: EditFormat = "diff",
+    switch_to: str | None = None,
+) -> str:
+    """The error, the file's real lines near what went wrong, and (when the format changes)
+    the new format's instructions."""
     what = "could not be applied" if stage == "apply" else "applied but failed pre-flight"
     if len(error) > ERROR_CHARS:
         error = error[: ERROR_CHARS // 2] + "\n…\n" + error[-ERROR_CHARS // 2 :]
-    return (
-        f"Your patch {what}:\n\n{error}\n\nWrite a corrected, complete patch against the "
-        "ORIGINAL files shown above (not on top of your previous attempt), in the same format."
-    )
-
-
-_FENCE = re.compile(r"```[ \t]*(?:diff|patch|udiff)?[ \t]*\n(.*?)```", re.DOTALL)
-
-
-def extract_patch(text: str, sources: dict[str, str]) -> str:
-    """The unified diff in a model's answer (SEARCH/REPLACE blocks are converted against
-    `sources`). Raises PatchRejected, with a reason the model can act on, when there is none."""
-    if re.search(r"^<{5,9} ?SEARCH\s*$", text, re.MULTILINE):
-        return search_replace_to_diff(sources, text)
-    fenced = [
-        block for block in _FENCE.findall(text) if re.search(r"^(?:--- |@@ )", block, re.MULTILINE)
-    ]
-    diff = "\n".join(block.rstrip("\n") for block in fenced) + "\n" if fenced else text
-    if not re.search(r"^--- ", diff, re.MULTILINE) or not re.search(r"^@@ ", diff, re.MULTILINE):
-        raise PatchRejected(
-            "no unified diff (--- / +++ / @@ lines) and no SEARCH/REPLACE block "
-            "found in your answer"
+    parts = [f"Your patch {what}:\n\n{error}"]
+    if nearby:
+        parts.append(nearby)
+    edit = "complete files" if edit_format == "whole-file" else "patch"
+    if switch_to:
+        parts.append(
+            "Answer again in a different format, against the ORIGINAL files shown above (not "
+            f"on top of your previous attempt).\n\n{switch_to.rstrip()}"
         )
-    return diff
+    else:
+        parts.append(
+            f"Write corrected, {edit} against the ORIGINAL files shown above (not on top of "
+            "your previous attempt), in the same format."
+        )
+    return "\n\n".join(parts)
+
+
+def extract_patch(text: str, sources: dict[str, str], edit_format: EditFormat = "diff") -> str:
+    """The unified diff in a model's answer (SEARCH/REPLACE blocks and whole files are
+    converted against `sources`). Raises PatchRejected, with a reason the model can act on,
+    when there is none."""
+    return extract_edit(text, sources, edit_format)
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,35 @@ class SampleResult:
     usage: Usage = field(default_factory=Usage)
     verdict: Verdict | None = None  # the last one
     model_error: LLMError | None = None
+    formats: list[EditFormat] = field(default_factory=list)  # in the order asked
+    stopped: str = ""  # why revising ended before `revisions` ran out
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _judge(
+    completion: Completion,
+    sources: dict[str, str],
+    check: Callable[[str], Verdict],
+    edit_format: EditFormat,
+) -> tuple[Verdict, bool]:
+    """The verdict on one answer, and whether it calls for another format."""
+    if completion.stop_reason in TRUNCATED:
+        return Verdict(
+            False,
+            "apply",
+            f"your answer was cut off at the output-token limit ({completion.usage.output_tokens} "
+            "tokens) before the edit was complete; write a shorter answer",
+        ), True
+    try:
+        diff = extract_edit(completion.text, sources, edit_format)
+    except AnswerRejected as exc:
+        return Verdict(False, "apply", exc.reason), True
+    except PatchRejected as exc:
+        return Verdict(False, "apply", exc.reason), False
+    return check(diff), False
 
 
 def run_sample(
@@ -154,9 +183,15 @@ def run_sample(
     sample: int,
     revisions: int,
     cancel: threading.Event,
+    edit_format: EditFormat = "diff",
 ) -> SampleResult:
     out = SampleResult(sample)
     messages = [{"role": "user", "content": prompt}]
+    order = list(fallback_order(edit_format))
+    current = order.pop(0)
+    out.formats.append(current)
+    seen: dict[str, Verdict] = {}
+    apply_failures = 0  # in the current format
     for revision in range(revisions + 1):
         if cancel.is_set():
             break
@@ -167,25 +202,54 @@ def run_sample(
             break
         out.calls += 1
         out.usage = add_usage(out.usage, completion.usage)
-        try:
-            diff = extract_patch(completion.text, sources)
-            verdict = check(diff)
-        except PatchRejected as exc:
-            verdict = Verdict(False, "apply", exc.reason)
-        out.attempts += 1
+        key = _normal(completion.text)
+        earlier = seen.get(key)
+        repeated = earlier is not None
+        if earlier is not None:
+            verdict = Verdict(
+                False,
+                earlier.stage,
+                f"{earlier.error}\n(the model then repeated this answer word for word)",
+                earlier.result,
+            )
+            switch = True
+        else:
+            verdict, switch = _judge(completion, sources, check, current)
+            seen[key] = verdict
+            out.attempts += 1
         out.verdict = verdict
         if verdict.passed:
             return out
         log.info(
-            "sample %d revision %d: %s failed: %s",
+            "sample %d revision %d (%s): %s failed: %s",
             sample,
             revision,
+            current,
             verdict.stage,
             verdict.error.splitlines()[0][:200] if verdict.error else "",
         )
+        apply_failures = apply_failures + 1 if verdict.stage == "apply" else 0
+        switch = switch or apply_failures >= 2
+        if repeated and not order:
+            out.stopped = "the model repeated an earlier answer and no other format is left"
+            break
+        new_format = order.pop(0) if switch and order else None
+        error = verdict.error
+        if earlier is not None:
+            error = "Your answer repeats an earlier one word for word. " + earlier.error
+        feedback = revision_prompt(
+            verdict.stage or "apply",
+            error,
+            nearby=nearby_real_lines(completion.text, sources) if verdict.stage == "apply" else "",
+            edit_format=new_format or current,
+            switch_to=format_instructions(new_format, sources) if new_format else None,
+        )
+        if new_format:
+            current, apply_failures = new_format, 0
+            out.formats.append(current)
         messages += [
             {"role": "assistant", "content": completion.text},
-            {"role": "user", "content": revision_prompt(verdict.stage or "apply", verdict.error)},
+            {"role": "user", "content": feedback},
         ]
     return out
 
@@ -198,14 +262,23 @@ def implement(
     *,
     samples: int,
     revisions: int,
+    edit_format: EditFormat = "diff",
 ) -> tuple[SampleResult | None, list[SampleResult]]:
-    """Run `samples` conversations in parallel; (the winner or None, every sample's result)."""
+    """Run `samples` conversations in parallel; (the winner or None, every sample's result).
+    `edit_format` is the format `prompt` asks for (build_prompt's), where revisions start."""
     cancel = threading.Event()
 
     def one(sample: int) -> SampleResult:
         with cancel_on(cancel):
             return run_sample(
-                client, prompt, sources, check, sample=sample, revisions=revisions, cancel=cancel
+                client,
+                prompt,
+                sources,
+                check,
+                sample=sample,
+                revisions=revisions,
+                cancel=cancel,
+                edit_format=edit_format,
             )
 
     winner: SampleResult | None = None

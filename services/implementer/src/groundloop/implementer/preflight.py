@@ -3,9 +3,12 @@
 1. compile   — every changed Python file compiles (no files written, no bytecode left);
 2. protected — protected files (and manifest.toml) are byte-identical to the environment's;
 3. smoke     — the manifest's smoke command exits 0 within budget.smoke_seconds, run in the
-               sandbox (groundloop.execution.sandbox.run_sandboxed: allow-listed environment without keys,
-               own process group, no network where the OS allows) with GROUNDLOOP_SMOKE=1,
-               and leaves the protected files as they were.
+               same sandbox as the runner's runs (groundloop.execution.sandbox.run_sandboxed
+               with the run protocol's limits: bubblewrap namespaces, unprivileged uid,
+               read-only filesystem but the workspace, resident memory from the manifest,
+               allow-listed environment without keys, no network) with GROUNDLOOP_SMOKE=1,
+               and leaves the protected files as they were. `limits` (e.g.
+               require_full_isolation) is passed through.
 Checks stop at the first failure; each reports its seconds. The report's detail on a failure
 is written for a model to act on (it is shown to the implementer's LLM when it revises).
 """
@@ -16,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from groundloop.execution.environment import Environment, PrepareFailed, ProtectedFileChanged
 from groundloop.events import PreflightCheck, PreflightReport
-from groundloop.execution.sandbox import allowed_environment, run_sandboxed
+from groundloop.execution.environment import Environment, PrepareFailed, ProtectedFileChanged
+from groundloop.execution.run_protocol import protocol_limits
+from groundloop.execution.sandbox import Limits, allowed_environment, run_sandboxed
 
 TAIL_CHARS = 3000
 
@@ -83,6 +87,7 @@ def check_smoke(
     cache_dir: Path,
     seed: int,
     smoke_seconds: float | None = None,
+    limits: Limits | None = None,
 ) -> PreflightCheck:
     manifest = env.manifest
     started = time.monotonic()
@@ -120,6 +125,7 @@ def check_smoke(
         env=run_env,
         wall_seconds=budget,
         grace_seconds=min(manifest.budget.grace_seconds, 5.0),
+        limits=protocol_limits(env, limits),
         log_path=scratch / "smoke.log",
     )
     seconds = time.monotonic() - started
@@ -161,6 +167,7 @@ def run_preflight(
     cache_dir: Path,
     seed: int,
     smoke_seconds: float | None = None,
+    limits: Limits | None = None,
 ) -> PreflightReport:
     checks = [check_compiles(workspace, files_changed)]
     if checks[-1].ok:
@@ -174,6 +181,7 @@ def run_preflight(
                 cache_dir=cache_dir,
                 seed=seed,
                 smoke_seconds=smoke_seconds,
+                limits=limits,
             )
         )
     return PreflightReport(passed=all(c.ok for c in checks), checks=checks)

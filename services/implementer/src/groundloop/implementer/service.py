@@ -11,25 +11,27 @@ materialised into a fresh workspace exactly as a runner will (Environment.materi
 pre-flighted there. Emits PatchReady (the normalised diff inline, or an object-store key
 when over 256 KB; digests, files changed, attempts, usage, the pre-flight report, the
 manifest's resource class, seed = the manifest's first seed, patch_id =
-stable_id(idea_id, "patch")) or PatchFailed (stage, last error, attempts, usage).
+stable_id(idea_id, "patch")) or PatchFailed (stage, last error, attempts, usage). An idea
+whose search has no SearchStarted in the log yet is retried (SearchNotFound); a model that is
+down is retried after 30 s, and recorded as PatchFailed on the last delivery.
 
+`role()` declares the service for groundloop.skeleton; `await run(settings, stop)` serves it.
 Run alone:  python -m groundloop.implementer   (GROUNDLOOP_NATS_URL, model keys in the environment)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from groundloop.execution.applier import PatchRejected, apply_to_sources, make_diff
 from groundloop.bus import Bus, describe
-from groundloop.consumer import Delivery, Retry, consume
-from groundloop.execution.environment import Environment, Materialized
+from groundloop.consumer import Delivery, Retry
 from groundloop.events import (
     Event,
     IdeaProposed,
@@ -42,20 +44,26 @@ from groundloop.events import (
     Usage,
     stable_id,
 )
+from groundloop.execution.applier import PatchRejected, apply_to_sources, make_diff
+from groundloop.execution.environment import Environment, Materialized
 from groundloop.implementer.knob_edit import KnobEditError, knob_sources
 from groundloop.implementer.llm_patch import Verdict, best_failure, build_prompt, implement
 from groundloop.implementer.preflight import failure_detail, run_preflight
 from groundloop.llm.client import ClientCache, LLMClient, LLMError, LLMSettings
 from groundloop.llm.pricing import add_usage
 from groundloop.settings import Settings
+from groundloop.skeleton import Role, run_role
 
 log = logging.getLogger(__name__)
 PRODUCER = "implementer"
 INLINE_DIFF_BYTES = 256 * 1024  # larger diffs go to the object store (events stay small)
 
 
-class SearchNotFound(LookupError):
-    pass
+class SearchNotFound(Retry):
+    """The idea's search has no SearchStarted in the log yet (the log may still be catching up)."""
+
+    def __init__(self, search_id: str):
+        super().__init__(f"search {search_id} has no SearchStarted in the log", delay=2.0)
 
 
 @dataclass
@@ -210,7 +218,7 @@ def handle(event: Event, deps: ImplementerDeps) -> list[Event]:
         return []
     started = deps.search(event.search_id)
     if started is None:
-        raise SearchNotFound(f"search {event.search_id} has no SearchStarted in the log")
+        raise SearchNotFound(event.search_id)
     env = deps.environment(started.environment)
     if env.digest() != started.environment_digest:
         return [
@@ -293,7 +301,78 @@ def _implement_with_model(
     return [_failed(event, deps, stage, error, attempts, usage)]
 
 
-# ---------------------------------------------------------------------------- the service loop
+# ---------------------------------------------------------------------------- the service
+
+
+class ImplementerContext:
+    """What one implementer process keeps between events: the searches' SearchStarted
+    (read once from the log), the model clients and the scratch folder."""
+
+    def __init__(
+        self, settings: Settings, bus: Bus, llm_settings: LLMSettings | None, work_dir: Path | None
+    ):
+        self.settings, self.bus = settings, bus
+        self.loop = asyncio.get_running_loop()
+        self.searches: dict[str, SearchStarted] = {}
+        self.clients = ClientCache(llm_settings)
+        self.work_dir = work_dir or settings.data_dir / "implementer"
+
+    async def find_search(self, search_id: str) -> SearchStarted | None:
+        if search_id not in self.searches:
+            async for event in self.bus.events(search_id):
+                if isinstance(event, SearchStarted):
+                    self.searches[search_id] = event
+                    break
+        return self.searches.get(search_id)
+
+    def put_artifact(self, key: str, data: bytes) -> str:  # called from the handler's thread
+        future = asyncio.run_coroutine_threadsafe(self.bus.put_artifact(key, data), self.loop)
+        return future.result(timeout=120)
+
+    def environment(self, name: str) -> Environment:
+        return Environment.load(name, self.settings.environments_dir)
+
+
+async def on_idea(event: Event, delivery: Delivery, ctx: ImplementerContext) -> list[Event]:
+    if not isinstance(event, IdeaProposed):
+        return []
+    started = await ctx.find_search(event.search_id)
+    deps = ImplementerDeps(
+        search=lambda _sid: started,
+        environment=ctx.environment,
+        llm=ctx.clients,
+        work_dir=ctx.work_dir,
+        cache_dir=ctx.settings.data_dir / "cache",
+        put_artifact=ctx.put_artifact,
+    )
+    try:
+        async with delivery.heartbeat():
+            return await asyncio.to_thread(handle, event, deps)
+    except LLMError as exc:
+        if delivery.last_attempt or not exc.retryable:
+            return [_failed(event, deps, "model", str(exc), 0)]
+        raise Retry(str(exc), delay=30.0) from None
+
+
+def role(
+    *,
+    llm_settings: LLMSettings | None = None,
+    concurrency: int = 2,
+    work_dir: Path | None = None,
+) -> Role[ImplementerContext]:
+    @contextlib.asynccontextmanager
+    async def context(
+        settings: Settings, bus: Bus, _stop: asyncio.Event
+    ) -> AsyncIterator[ImplementerContext]:
+        yield ImplementerContext(settings, bus, llm_settings, work_dir)
+
+    return Role(
+        name=PRODUCER,
+        consumes=(IdeaProposed,),
+        deps=context,
+        handle=on_idea,
+        concurrency=concurrency,
+    )
 
 
 async def run(
@@ -304,56 +383,5 @@ async def run(
     concurrency: int = 2,
     work_dir: Path | None = None,
 ) -> None:
-    stop = stop or asyncio.Event()
-    bus = await Bus.connect(settings, PRODUCER)
-    loop = asyncio.get_running_loop()
-    searches: dict[str, SearchStarted] = {}
-    clients = ClientCache(llm_settings)
-    work_dir = work_dir or settings.data_dir / "implementer"
-
-    async def find_search(search_id: str) -> SearchStarted | None:
-        if search_id not in searches:
-            async for event in bus.events(search_id):
-                if isinstance(event, SearchStarted):
-                    searches[search_id] = event
-                    break
-        return searches.get(search_id)
-
-    def put_artifact(key: str, data: bytes) -> str:  # called from the handler's thread
-        return asyncio.run_coroutine_threadsafe(bus.put_artifact(key, data), loop).result(
-            timeout=120
-        )
-
-    async def handler(event: Event, delivery: Delivery) -> list[Event]:
-        if not isinstance(event, IdeaProposed):
-            return []
-        started = await find_search(event.search_id)
-        deps = ImplementerDeps(
-            search=lambda _sid: started,
-            environment=lambda name: Environment.load(name, settings.environments_dir),
-            llm=clients,
-            work_dir=work_dir,
-            cache_dir=settings.data_dir / "cache",
-            put_artifact=put_artifact,
-        )
-        try:
-            async with delivery.heartbeat():
-                return await asyncio.to_thread(handle, event, deps)
-        except SearchNotFound as exc:
-            raise Retry(str(exc), delay=2.0) from None  # the log may still be catching up
-        except LLMError as exc:
-            if delivery.last_attempt or not exc.retryable:
-                return [_failed(event, deps, "model", str(exc), 0)]
-            raise Retry(str(exc), delay=30.0) from None
-
-    try:
-        await consume(
-            bus,
-            PRODUCER,
-            [bus.subject_filter(type=IdeaProposed.TYPE)],
-            handler,
-            stop=stop,
-            concurrency=concurrency,
-        )
-    finally:
-        await bus.close()
+    role_ = role(llm_settings=llm_settings, concurrency=concurrency, work_dir=work_dir)
+    await run_role(role_, settings, stop or asyncio.Event())

@@ -1,0 +1,171 @@
+"""How run events change the projections: RunRequested, RunStarted and RunCompleted.
+
+Each fills its own column group of the run's row, then carries the run's change (open,
+completed, succeeded, best) over to its idea's counts; the ordering rules are in
+groundloop.api.folds, which dispatches here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+
+from groundloop import events as ev
+from groundloop.api.fold_rules import assign, claims, dump, fill, idea_row, refresh_idea_status
+from groundloop.api.rowset import Row, Rows
+from groundloop.api.store import RunRow
+
+
+@dataclass(frozen=True)
+class _RunMark:
+    """What one run contributes to its idea's folded columns."""
+
+    idea_id: str | None = None
+    open: bool = False
+    completed: bool = False
+    succeeded: bool = False
+    reward: float | None = None
+
+    @classmethod
+    def of(cls, run: Row | None) -> _RunMark:
+        if run is None:
+            return cls()
+        completed = run.completed_event_id is not None
+        return cls(
+            run.idea_id,
+            run.started_event_id is not None and not completed,
+            completed,
+            completed and run.status == "succeeded",
+            run.reward,
+        )
+
+
+def _fold_run(rows: Rows, e: ev.Event, change: Callable[[Row], None]) -> None:
+    run = rows.get_or_create(RunRow, (e.run_id,), search_id=e.search_id)  # type: ignore[attr-defined]
+    before = _RunMark.of(run)
+    change(run)
+    if run.completed_event_id is None:
+        run.status = "running" if run.started_event_id is not None else "requested"
+    after = _RunMark.of(run)
+    if after != before:
+        _carry_to_ideas(rows, run, before, after)
+
+
+def _carry_to_ideas(rows: Rows, run: Row, before: _RunMark, after: _RunMark) -> None:
+    """Move the run's contribution from its old mark to its new one (exact integer deltas;
+    the best run is recomputed from the table in the rare case it got worse)."""
+    touched: dict[str, Row] = {}
+    for mark, sign in ((before, -1), (after, 1)):
+        if mark.idea_id is None:
+            continue
+        idea = touched.setdefault(
+            mark.idea_id, idea_row(rows, run.search_id, mark.idea_id, run.generation)
+        )
+        idea.runs_open += sign * mark.open
+        idea.runs_completed += sign * mark.completed
+        idea.runs_succeeded += sign * mark.succeeded
+    for idea in touched.values():
+        if idea.best_run_id == run.run_id:
+            _recompute_best(rows, idea)
+        elif after.idea_id == idea.idea_id and after.succeeded and _beats(run, idea):
+            assign(idea, best_run_id=run.run_id, best_reward=run.reward, best_score=run.score)
+        refresh_idea_status(idea)
+
+
+def _beats(run: Row, idea: Row) -> bool:
+    """Higher reward wins; equal rewards go to the smaller run id (order-independent)."""
+    if idea.best_run_id is None:
+        return True
+    return (run.reward, idea.best_run_id) > (idea.best_reward, run.run_id)
+
+
+def _recompute_best(rows: Rows, idea: Row) -> None:
+    rows.flush()
+    runs = RunRow.__table__.c  # type: ignore[attr-defined]
+    best = rows.conn.execute(
+        select(runs.run_id, runs.reward, runs.score)
+        .where(
+            runs.idea_id == idea.idea_id,
+            runs.status == "succeeded",
+            runs.completed_event_id.is_not(None),
+        )
+        .order_by(runs.reward.desc(), runs.run_id)
+        .limit(1)
+    ).first()
+    assign(
+        idea,
+        best_run_id=best and best.run_id,
+        best_reward=best and best.reward,
+        best_score=best and best.score,
+    )
+
+
+def run_requested(rows: Rows, e: ev.RunRequested, at: datetime) -> None:
+    def change(run: Row) -> None:
+        if claims(at, e.event_id, run.requested_at, run.requested_event_id):
+            assign(
+                run, requested_at=at, requested_event_id=e.event_id, resource_class=e.resource_class
+            )
+        fill(
+            run,
+            idea_id=e.idea_id,
+            patch_id=e.patch_id,
+            generation=e.generation,
+            purpose=e.purpose,
+            seed=e.seed,
+        )
+
+    _fold_run(rows, e, change)
+
+
+def run_started(rows: Rows, e: ev.RunStarted, at: datetime) -> None:
+    def change(run: Row) -> None:
+        held = (run.attempt, run.started_at, run.started_event_id)
+        if run.started_event_id is None or (e.attempt, at, e.event_id) > held:
+            assign(
+                run,
+                started_at=at,
+                started_event_id=e.event_id,
+                attempt=e.attempt,
+                runner_id=e.runner_id,
+                host=e.host,
+                devices=list(e.devices),
+            )
+        fill(run, idea_id=e.idea_id, patch_id=e.patch_id, seed=e.seed)
+
+    _fold_run(rows, e, change)
+
+
+def run_completed(rows: Rows, e: ev.RunCompleted, at: datetime) -> None:
+    def change(run: Row) -> None:
+        mine = (e.status != "succeeded", at, e.event_id)
+        held = (run.status != "succeeded", run.completed_at, run.completed_event_id)
+        if run.completed_event_id is None or mine < held:
+            assign(
+                run,
+                completed_at=at,
+                completed_event_id=e.event_id,
+                status=e.status,
+                score=e.score,
+                reward=e.reward,
+                metrics=dict(e.metrics),
+                wall_seconds=e.wall_seconds,
+                gpu_seconds=e.gpu_seconds,
+                log_key=e.log_key,
+                error_tail=e.error_tail,
+                reason=e.reason,
+                provenance=dump(e.provenance),
+            )
+        fill(
+            run,
+            idea_id=e.idea_id,
+            patch_id=e.patch_id,
+            generation=e.generation,
+            purpose=e.purpose,
+            seed=e.seed,
+        )
+
+    _fold_run(rows, e, change)

@@ -63,7 +63,9 @@ def setup() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip = [PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     sh(*pip, "--upgrade", "pip", "setuptools>=77", "wheel")
-    has_torch = subprocess.run([str(PYTHON), "-c", "import torch"], capture_output=True).returncode == 0
+    has_torch = (
+        subprocess.run([str(PYTHON), "-c", "import torch"], capture_output=True).returncode == 0
+    )
     if not has_torch:
         sh(*pip, TORCH)
     editables = [arg for m in MEMBERS for arg in ("-e", f"./{m}")]

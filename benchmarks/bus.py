@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from groundloop.api.rebuild import rebuild  # noqa: E402
 from groundloop.broker import NatsServer, free_port  # noqa: E402
 from groundloop.bus import Bus  # noqa: E402
 from groundloop.consumer import consume  # noqa: E402
 from groundloop.events import encode  # noqa: E402
-from groundloop.api.rebuild import rebuild  # noqa: E402
 from groundloop.settings import Settings  # noqa: E402
 from tests.factories import one_search  # noqa: E402
 
@@ -58,7 +58,7 @@ async def main(n: int, window: int) -> None:
 
         t = time.perf_counter()
         for start in range(half, n, window):
-            await asyncio.gather(*(bus.publish(e) for e in events[start:start + window]))
+            await asyncio.gather(*(bus.publish(e) for e in events[start : start + window]))
         print(f"publish, batched ({window:>4})   :", rate(n - half, time.perf_counter() - t))
 
         done, stop = 0, asyncio.Event()

@@ -23,21 +23,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sqlmodel import Session  # noqa: E402
 
 from groundloop import events as ev  # noqa: E402
+from groundloop.api.store import SearchRow, make_engine  # noqa: E402
 from groundloop.broker import EmbeddedBroker, free_port  # noqa: E402
-from groundloop.execution.environment import Environment  # noqa: E402
 from groundloop.cli.report import best_so_far  # noqa: E402
 from groundloop.cli.search_job import default_deadline, run_search, search_started_event  # noqa: E402
+from groundloop.execution.environment import Environment  # noqa: E402
 from groundloop.settings import Settings  # noqa: E402
-from groundloop.api.store import SearchRow, make_engine  # noqa: E402
 
 
-def one_search(env: Environment, strategy: str, seed: int, args: argparse.Namespace) -> tuple[list, SearchRow, float]:
+def one_search(
+    env: Environment, strategy: str, seed: int, args: argparse.Namespace
+) -> tuple[list, SearchRow, float]:
     root = Path(tempfile.mkdtemp(prefix=f"gl-search-{strategy}-{seed}-"))
     settings = Settings(data_dir=root, db_url=f"sqlite:///{root / 'p.db'}")
     started = search_started_event(
-        f"{env.name}-{strategy.replace('_', '-')}-s{seed}", env, strategy=strategy,
-        generations=args.generations, ideas=args.ideas, seed=seed, model=None, implementer_model=None,
-        baseline_seeds=1, final_top_k=1, final_seeds=args.final_seeds, budgets=ev.Budgets(),
+        f"{env.name}-{strategy.replace('_', '-')}-s{seed}",
+        env,
+        strategy=strategy,
+        generations=args.generations,
+        ideas=args.ideas,
+        seed=seed,
+        model=None,
+        implementer_model=None,
+        baseline_seeds=1,
+        final_top_k=1,
+        final_seeds=args.final_seeds,
+        budgets=ev.Budgets(),
         deadline=default_deadline(env, args.ideas, args.slots),
     )
     t = time.perf_counter()
@@ -61,17 +72,22 @@ def main() -> None:
     parser.add_argument("--final-seeds", type=int, default=2)
     args = parser.parse_args()
     env = Environment.load(args.env)
-    print(f"{env.name}: {args.generations} generations x {args.ideas} ideas, knob proposer, "
-          f"seeds {args.seeds}; metric {env.manifest.metric.name} ({env.manifest.metric.direction})")
+    print(
+        f"{env.name}: {args.generations} generations x {args.ideas} ideas, knob proposer, "
+        f"seeds {args.seeds}; metric {env.manifest.metric.name} ({env.manifest.metric.direction})"
+    )
     curves: dict[str, list[list[float]]] = {}
     for strategy in ("evolution", "best_of_n"):
         for seed in args.seeds:
             curve, row, seconds = one_search(env, strategy, seed, args)
             best = [score for _, score in curve]
             curves.setdefault(strategy, []).append(best)
-            print(f"{strategy:>10} seed {seed}: best so far per generation "
-                  f"{' '.join(f'{s:.4f}' for s in best)} | baseline {row.baseline_score} | "
-                  f"{row.completion_reason} | {seconds:.0f}s", flush=True)
+            print(
+                f"{strategy:>10} seed {seed}: best so far per generation "
+                f"{' '.join(f'{s:.4f}' for s in best)} | baseline {row.baseline_score} | "
+                f"{row.completion_reason} | {seconds:.0f}s",
+                flush=True,
+            )
     for strategy, runs in curves.items():
         width = min(len(r) for r in runs)
         means = [statistics.mean(r[g] for r in runs) for g in range(width)]

@@ -9,6 +9,7 @@ import contextlib
 import os
 import re
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from groundloop import events as ev
 from groundloop.bus import Bus
 from groundloop.execution.applier import make_diff
 from groundloop.execution.environment import Environment
+from groundloop.execution.sandbox import MARKER
 from groundloop.runner.service import run
 from groundloop.runner.slots import RunnerSettings
 from groundloop.settings import Settings
@@ -77,11 +79,56 @@ def patch_event(
     )
 
 
-def record_pids(pid_dir: Path) -> str:
-    """Patch code: every process of the run appends its pid under pid_dir."""
-    return (
-        f"\nimport os as _os\nopen({str(pid_dir / 'pids')!r}, 'a').write(f'{{_os.getpid()}}\\n')\n"
-    )
+def record_start(name: str) -> str:
+    """Patch code: the process running it appends `name` to `started` in its working
+    directory, the run's workspace (the only place a sandboxed run may write that a test
+    reads back, with keep_workspaces). Pids are not recorded: inside the run's pid namespace
+    they are not the host's; `run_processes` finds the host's."""
+    return f"\nopen('started', 'a').write({name + chr(10)!r})\n"
+
+
+def run_processes(root: Path) -> set[int]:
+    """Host pids of live processes of sandboxed runs under `root` (a runner's data dir or one
+    runner's part of it): processes carrying the sandbox's run marker in their environment
+    whose HOME, cache or working directory lies under `root`, so that runs of other tests
+    and sessions are left out."""
+    found = set()
+    needle = str(root.resolve()).encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry.name}/environ").read_bytes()
+            if MARKER.encode() not in environ or not alive(int(entry.name)):
+                continue
+            cwd = os.readlink(f"/proc/{entry.name}/cwd").encode()
+        except OSError:
+            continue
+        if needle in environ or cwd.startswith(needle):
+            found.add(int(entry.name))
+    return found
+
+
+class ProcessWatch:
+    """Every host pid `run_processes(root)` reports while the watch runs (sampled every
+    50 ms in a thread): the processes a test later checks are gone."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.seen = root, set[int]()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.seen |= run_processes(self.root)
+
+    def __enter__(self) -> ProcessWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def alive(pid: int) -> bool:

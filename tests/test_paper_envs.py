@@ -27,7 +27,7 @@ from tests.paths import ENVIRONMENTS
 
 NANOGPT, GRPO_MATH = ENVIRONMENTS / "nanogpt", ENVIRONMENTS / "grpo-math"
 # Module names the environments share (each has its own data.py, harness.py, ...).
-ENV_MODULES = ("data", "harness", "evaluate", "train", "grader", "prepare_data")
+ENV_MODULES = ("data", "harness", "evaluate", "train", "grader", "prepare_data", "budget_guard")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -195,6 +195,10 @@ def test_nanogpt_final_mode_stops_at_the_target_and_reports_seconds(tmp_path, mo
         stops = [clock.should_stop(step, model) for step in range(harness.SMOKE_STEPS)]
         assert stops.index(True) == harness.SMOKE_VALIDATE_EVERY
         harness.save_checkpoint(model, train.SMOKE_MODEL, step=3, tokens=1536, clock=clock)
+        # The ledger the protected guard writes around a real run (tests/test_budgets_nanogpt.py).
+        ledger = {"exceeded": None, "wall_seconds": 30.0, "wall_budget": 130.0}
+        ledger["outputs"] = {"out/model.pt": load("budget_guard").sha256(evaluate.CHECKPOINT)}
+        Path("out/budget_ledger.json").write_text(json.dumps(ledger))
         assert evaluate.main() == 0
     metrics = json.loads(metrics_out.read_text())
     assert metrics["target_reached"] == 1.0 and metrics["target_loss"] == 100.0

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import budget_guard
 import data
 import grader
 import harness
@@ -84,7 +85,9 @@ def generate_hf(checkpoint: Path, prompts: list[str], device: torch.device) -> l
 
     data.quiet_transformers()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    # safetensors only: a pickled checkpoint could run code here; no remote code either.
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, use_safetensors=True)
+    model = model.to(device).eval()
     tokenizer = data.load_tokenizer()
     settings = GenerationConfig(
         max_new_tokens=max_new_tokens(),
@@ -139,6 +142,7 @@ def _vllm_child(checkpoint: str, prompts_path: str, out_path: str) -> None:
         dtype="bfloat16",
         seed=0,
         gpu_memory_utilization=0.85,
+        load_format="safetensors",
     )
     params = SamplingParams(
         temperature=0.0, max_tokens=max_new_tokens(), stop=[STOP], include_stop_str_in_output=True
@@ -160,6 +164,32 @@ def score(checkpoint: Path, problems: list[dict], device: torch.device) -> dict[
     return {"accuracy": sum(correct) / len(problems), "format_rate": sum(formatted) / len(problems)}
 
 
+def check_ledger() -> str | None:
+    """The rejection reason, or None when the protected guard's ledger shows training exited
+    within its wall-clock budget and names exactly the checkpoints on disk now."""
+    ledger_path, folder = budget_guard.LEDGER, harness.CHECKPOINT_DIR
+    if ledger_path.is_symlink() or not ledger_path.is_file():
+        return (
+            f"no budget ledger at {ledger_path}: training must be started by the protected "
+            "budget_guard.py (the manifest's entrypoint), which owns the training clock"
+        )
+    ledger = json.loads(ledger_path.read_text())
+    if ledger.get("exceeded"):
+        return f"training exceeded its budget: {ledger['exceeded']}"
+    budget = ledger.get("wall_budget")
+    if (
+        not isinstance(budget, int | float)
+        or not ledger.get("wall_seconds", float("inf")) <= budget
+    ):
+        return "the budget ledger has no wall-clock budget or is over it"
+    if ledger.get("outputs", {}).get(str(folder)) != budget_guard.sha256(folder):
+        return (
+            f"{folder} is not what training left when the guard stopped its clock "
+            "(sha256 differs from the guard's ledger)"
+        )
+    return None
+
+
 def main() -> int:
     device = torch.device("cuda:0" if os.environ.get("GROUNDLOOP_DEVICE") == "cuda" else "cpu")
     split = os.environ.get("GROUNDLOOP_SPLIT", "val")
@@ -168,6 +198,13 @@ def main() -> int:
     if device.type == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
+    if rejected := check_ledger():
+        print(f"REJECTED: {rejected}", file=sys.stderr, flush=True)
+        if os.environ.get("GROUNDLOOP_METRICS_OUT"):
+            Path(os.environ["GROUNDLOOP_METRICS_OUT"]).write_text(
+                json.dumps({"rejected": rejected})
+            )
+        return 3
     checkpoints = harness.checkpoint_dirs()[: harness.MAX_CHECKPOINTS]
     if not checkpoints:
         raise SystemExit(

@@ -13,8 +13,14 @@ Runs as its own process after training (`python evaluate.py`, manifest `evaluate
 - writes GROUNDLOOP_METRICS_OUT: val_loss, causality_violation, train_seconds, tokens, steps,
   and in final mode (split `test`) target_reached and, when reached, seconds_to_target.
 
-A leak exits with code 3 and writes only {"rejected": "future-token leak: ..."}: the run is
-rejected with that reason. `loss_sums` is also used by harness.py for the final mode's in-training checks.
+Before any editable code runs, the protected budget_guard.py's ledger (out/budget_ledger.json)
+must show that the whole training run (torchrun and everything it started) exited within its
+wall-clock budget, and must name out/model.pt's sha256; otherwise the run is rejected.
+train_seconds (and, in final mode, seconds_to_target) are the guard's wall seconds from launch
+to exit, never a number training wrote.
+
+A leak, or a run outside its budget, exits with code 3 and writes only {"rejected": reason}:
+the run is rejected with that reason. `loss_sums` is also used by harness.py for the final mode's in-training checks.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import budget_guard
 import data
 
 CHECKPOINT = Path("out/model.pt")
@@ -39,6 +46,37 @@ PROBED_BATCHES = 2  # the first batch and one chosen at random
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 TARGET_SLACK = 1e-3  # in-training loss vs re-measured loss (different rank splits, same data)
 LEAK_EXIT_CODE = 3
+
+
+class Rejected(RuntimeError):
+    """The run cannot be scored: outside its budget, or not the model the guard saw."""
+
+
+def check_ledger() -> dict:
+    """The protected guard's account of training, checked before any editable code runs."""
+    ledger_path = budget_guard.LEDGER
+    if ledger_path.is_symlink() or not ledger_path.is_file():
+        raise Rejected(
+            f"no budget ledger at {ledger_path}: training must be started by the protected "
+            "budget_guard.py (the manifest's entrypoint), which owns the training clock"
+        )
+    ledger = json.loads(ledger_path.read_text())
+    if ledger.get("exceeded"):
+        raise Rejected(f"training exceeded its budget: {ledger['exceeded']}")
+    budget = ledger.get("wall_budget")
+    if not isinstance(budget, int | float) or not ledger.get("wall_seconds", math.inf) <= budget:
+        raise Rejected("the budget ledger has no wall-clock budget or is over it")
+    recorded = ledger.get("outputs", {}).get(str(CHECKPOINT))
+    if not CHECKPOINT.is_file():
+        raise FileNotFoundError(
+            f"{CHECKPOINT} is missing: training must end with harness.save_checkpoint(...)"
+        )
+    if recorded != budget_guard.sha256(CHECKPOINT):
+        raise Rejected(
+            f"{CHECKPOINT} is not the model training left when the guard stopped its clock "
+            "(sha256 differs from the guard's ledger)"
+        )
+    return ledger
 
 
 class FutureTokenLeak(RuntimeError):
@@ -207,12 +245,13 @@ def main() -> int:
     if device.type == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
-    model, checkpoint = load_model(device)
-    tokens = data.eval_tokens(split)
-    seq_len, batch_size = data.eval_seq_len(), eval_batch_size()
     try:
+        ledger = check_ledger()
+        model, checkpoint = load_model(device)
+        tokens = data.eval_tokens(split)
+        seq_len, batch_size = data.eval_seq_len(), eval_batch_size()
         violation = probe(model, tokens, seq_len, batch_size, device)
-    except FutureTokenLeak as leak:
+    except (FutureTokenLeak, Rejected) as leak:
         print(f"REJECTED: {leak}", file=sys.stderr, flush=True)
         if metrics_out:  # the runner marks the run rejected with this reason
             Path(metrics_out).write_text(json.dumps({"rejected": str(leak)}))
@@ -221,8 +260,8 @@ def main() -> int:
     val_loss = total / count
     meta = dict(checkpoint.get("meta", {}))
     metrics = {"val_loss": val_loss, "causality_violation": violation, "eval_tokens": count}
+    metrics["train_seconds"] = float(ledger["wall_seconds"])  # the guard's clock
     for name, key in (
-        ("train_seconds", "train_seconds"),
         ("tokens", "tokens"),
         ("steps", "step"),
         ("world_size", "world_size"),
@@ -240,7 +279,8 @@ def main() -> int:
         metrics["target_loss"] = target
         metrics["target_reached"] = 1.0 if reached else 0.0
         if reached:
-            metrics["seconds_to_target"] = float(reached_at)
+            # Launch to exit, as the guard measured it: training's own claim is not evidence.
+            metrics["seconds_to_target"] = metrics["train_seconds"]
     print(json.dumps(metrics), flush=True)
     if metrics_out:
         Path(metrics_out).write_text(json.dumps(metrics))

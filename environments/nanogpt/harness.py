@@ -5,9 +5,11 @@ train.py asks `clock.should_stop(step, model)` before every optimiser step and e
 
 Budget: TRAIN_SECONDS (the paper's 25 minutes) of training, counted from the start of the
 process as the kernel recorded it (so importing this module late buys nothing), minus the time
-the final mode spends validating. The runner's hard wall cap (manifest budget.wall_seconds,
-which also covers start-up, compilation and saving) remains the limit that cannot be argued
-with. An operator may set NANOGPT_TRAIN_SECONDS (e.g. a short 1-GPU benchmark, or a longer
+the final mode spends validating. This clock only helps honest code stop in time: the limit
+is enforced outside training by the protected budget_guard.py (the manifest's entrypoint),
+which kills the whole run and has it rejected if it is still running TRAIN_SECONDS +
+SAVE_SECONDS after launch. The clock therefore also stops before the guard's deadline
+(GROUNDLOOP_GUARD_TRAIN_DEADLINE, from the launch environment) less twice the longest step. An operator may set NANOGPT_TRAIN_SECONDS (e.g. a short 1-GPU benchmark, or a longer
 final check); it is read from the environment the process was started with, which code
 running inside the process cannot change.
 
@@ -34,6 +36,7 @@ import data
 import evaluate
 
 TRAIN_SECONDS = 1500.0
+SAVE_SECONDS = 30.0  # the guard's allowance after TRAIN_SECONDS (manifest --save-seconds)
 TARGET_VAL_LOSS = 3.28
 VAL_EVERY_SECONDS = 60.0
 SMOKE_STEPS = 6
@@ -88,6 +91,12 @@ def split() -> str:
     return _LAUNCH_ENV.get("GROUNDLOOP_SPLIT", os.environ.get("GROUNDLOOP_SPLIT", "val"))
 
 
+def guard_train_deadline() -> float:
+    """The guard's training deadline (time.monotonic() seconds); inf without a guard."""
+    raw = _LAUNCH_ENV.get("GROUNDLOOP_GUARD_TRAIN_DEADLINE")
+    return float(raw) if raw else float("inf")
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -109,6 +118,17 @@ class TrainingClock:
         self.last_check_loss: float | None = None
         self.seconds_to_target: float | None = None
         self._tokens: torch.Tensor | None = None
+        self.guard_deadline = guard_train_deadline()
+        self._last_call: float | None = None
+        self._longest_step = 0.0
+
+    def _guard_says_stop(self) -> bool:
+        """Stop while twice the longest step still fits before the guard's deadline."""
+        now = time.monotonic()
+        if self._last_call is not None:
+            self._longest_step = max(self._longest_step, now - self._last_call)
+        self._last_call = now
+        return now + 2 * self._longest_step >= self.guard_deadline
 
     def describe(self) -> str:
         if data.smoke_mode():
@@ -123,13 +143,16 @@ class TrainingClock:
 
     def should_stop(self, step: int, model: torch.nn.Module) -> bool:
         """Call before each optimiser step with the unwrapped model (not DDP/compiled)."""
+        late = self._guard_says_stop()
         if data.smoke_mode():
+            if late:
+                return True
             if self.final and step > 0 and step % SMOKE_VALIDATE_EVERY == 0:
                 if self._check_target(model):
                     return True
             return step >= SMOKE_STEPS
         elapsed = self.training_seconds()
-        stop = elapsed >= self.budget
+        stop = elapsed >= self.budget or late
         check = (
             self.final and not stop and step > 0 and elapsed - self.last_check >= VAL_EVERY_SECONDS
         )

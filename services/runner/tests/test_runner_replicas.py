@@ -23,11 +23,12 @@ from tests.runner_support import (
     Collector,
     alive,
     patch_event,
-    record_pids,
     replay,
+    run_processes,
     serving,
     settings_environment,
 )
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -62,11 +63,13 @@ async def test_sigkilled_runner_run_is_completed_by_another_replica(
         "GROUNDLOOP_RUNNER_SLOTS": "1",
     }
     doomed = subprocess.Popen([sys.executable, "-m", "groundloop.runner"], env=environ)
+    doomed_runs = env_settings.data_dir / "runner" / "doomed"
     try:
-        pid_dir = tmp_path / "pids"
-        pid_dir.mkdir()
-        await bus.publish(patch_event(env, "kill", 0, sleep=3.0, code=record_pids(pid_dir)))
+        await bus.publish(patch_event(env, "kill", 0, sleep=3.0))
         await seen.wait(lambda c: c.of(ev.RunStarted), timeout=30)
+        orphans = await eventually(
+            lambda: run_processes(doomed_runs), timeout=15, what="the doomed runner's run"
+        )
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(10)
     finally:
@@ -74,8 +77,8 @@ async def test_sigkilled_runner_run_is_completed_by_another_replica(
             doomed.kill()
     async with serving(env_settings, slots=1, runner_id="survivor"):
         await seen.wait(lambda c: c.of(ev.RunCompleted), timeout=40)
-    [first_pid] = [int(p) for p in (pid_dir / "pids").read_text().split()][:1]
-    assert not alive(first_pid), "the killed runner's run must not outlive it"
+    survivors = [p for p in orphans if alive(p)] + sorted(run_processes(doomed_runs))
+    assert not survivors, f"the killed runner's run must not outlive it: {survivors}"
     stored = [e for e in await replay(env_settings, "kill") if isinstance(e, ev.RunCompleted)]
     assert len(stored) == 1 and stored[0].status == "succeeded"
     starts = seen.of(ev.RunStarted)

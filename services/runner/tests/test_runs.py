@@ -19,10 +19,12 @@ from groundloop.runner.logs import read_log
 from groundloop.settings import Settings
 from tests.runner_support import (
     Collector,
+    ProcessWatch,
     alive,
     make_environments,
     patch_event,
-    record_pids,
+    record_start,
+    run_processes,
     serving,
 )
 
@@ -126,28 +128,30 @@ async def test_runaway_code_ends_within_budget_and_leaves_no_process(
     env = Environment.load("synthetic", envs)
     bus = await Bus.connect(env_settings, "test")
     seen = await Collector().start(bus, "runaway")
-    pid_dirs = {}
-    async with serving(env_settings, slots=3, max_processes=24):
-        for index, (name, (code, _)) in enumerate(RUNAWAYS.items()):
-            pid_dirs[name] = tmp_path / name
-            pid_dirs[name].mkdir()
-            record = record_pids(pid_dirs[name])
-            # `record` at the top: the run's main process; inside the code: the daemon.
-            body = record + code.replace(
-                "{record}", record.strip().replace("\n", "\n        ") + "\n"
-            )
-            await bus.publish(patch_event(env, "runaway", index, code=body))
-        await seen.wait(lambda c: len(c.of(ev.RunCompleted)) == len(RUNAWAYS), timeout=40)
-        # The runner keeps serving: a normal run after the runaways succeeds.
-        await bus.publish(patch_event(env, "runaway", 99))
-        await seen.wait(lambda c: len(c.of(ev.RunCompleted)) == len(RUNAWAYS) + 1)
+    served = dict(slots=3, max_processes=24, runner_id="r", keep_workspaces=True)
+    with ProcessWatch(env_settings.data_dir) as watch:
+        async with serving(env_settings, **served):
+            for index, (code, _) in enumerate(RUNAWAYS.values()):
+                # At the top: the run's main process; inside the code: the daemon.
+                body = record_start("main") + code.replace(
+                    "{record}", record_start("daemon").strip() + "\n"
+                )
+                await bus.publish(patch_event(env, "runaway", index, code=body))
+            await seen.wait(lambda c: len(c.of(ev.RunCompleted)) == len(RUNAWAYS), timeout=40)
+            # The runner keeps serving: a normal run after the runaways succeeds.
+            await bus.publish(patch_event(env, "runaway", 99))
+            await seen.wait(lambda c: len(c.of(ev.RunCompleted)) == len(RUNAWAYS) + 1)
+    assert watch.seen, "the runs' processes were never seen: run_processes finds nothing"
     by_patch = {e.patch_id: e for e in seen.of(ev.RunCompleted)}
-    for index, (name, (_, expected)) in enumerate(RUNAWAYS.items()):
+    for index, (name, (code, expected)) in enumerate(RUNAWAYS.items()):
         done = by_patch[ev.stable_id("runaway", "patch", index)]
         assert done.status in ((expected,) if isinstance(expected, str) else expected), (name, done)
         assert done.wall_seconds < wall + grace + 3, (name, done.wall_seconds)
-        pids = [int(p) for p in (pid_dirs[name] / "pids").read_text().split()]
-        assert pids and not [p for p in pids if alive(p)], f"{name}: processes {pids} survive"
+        [workspace] = env_settings.data_dir.glob(f"runner/r/{done.run_id}/attempt-*/workspace")
+        started = (workspace / "started").read_text().split()
+        assert "main" in started and ("daemon" in started) == ("{record}" in code), (name, started)
+    survivors = [p for p in watch.seen if alive(p)] + sorted(run_processes(env_settings.data_dir))
+    assert not survivors, f"processes of the runs survive: {survivors}"
     assert by_patch[ev.stable_id("runaway", "patch", 99)].status == "succeeded"
     hog = by_patch[ev.stable_id("runaway", "patch", 2)]
     assert "memory" in hog.reason or "MemoryError" in (hog.error_tail or ""), hog

@@ -82,7 +82,9 @@ class NatsServer:
         log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
             [find_nats_server(), "-c", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.pid = self.process.pid
         self.wait_ready(timeout)

@@ -38,7 +38,13 @@ log = logging.getLogger(__name__)
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream error code: expected-last-subject-sequence mismatch
 MAX_EVENT_BYTES = 1024 * 1024  # events stay small; logs, diffs, checkpoints go to the object store
-_TRANSIENT = (NatsTimeout, asyncio.TimeoutError, NoStreamResponseError, ConnectionClosedError, OSError)
+_TRANSIENT = (
+    NatsTimeout,
+    asyncio.TimeoutError,
+    NoStreamResponseError,
+    ConnectionClosedError,
+    OSError,
+)
 
 
 class BrokerUnavailable(RuntimeError):
@@ -85,17 +91,20 @@ class Bus:
         try:
             # Unlimited reconnects also make nats-py retry the *first* connect forever, so the
             # first connect gets its own deadline.
-            nc = await asyncio.wait_for(nats.connect(
-                settings.nats_url,
-                name=name,
-                connect_timeout=connect_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,  # a broker restart must never strand a service
-                reconnect_time_wait=0.25,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-                error_cb=on_error,
-            ), timeout=connect_timeout * 2)
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    settings.nats_url,
+                    name=name,
+                    connect_timeout=connect_timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,  # a broker restart must never strand a service
+                    reconnect_time_wait=0.25,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    error_cb=on_error,
+                ),
+                timeout=connect_timeout * 2,
+            )
         except (TimeoutError, NoServersError, OSError) as exc:
             raise BrokerUnavailable(
                 f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}: {exc}); "
@@ -110,29 +119,37 @@ class Bus:
     async def ensure(self) -> None:
         """Create or update the stream, dead-letter stream, object store and KV (idempotent)."""
         s = self.settings
-        await self._ensure_stream(api.StreamConfig(
-            name=s.stream,
-            subjects=[f"{s.subject_prefix}.>"],
-            storage=api.StorageType.FILE,
-            retention=api.RetentionPolicy.LIMITS,
-            max_age=0,  # the log is never aged out
-            duplicate_window=s.duplicate_window_s,
-            allow_direct=True,
-        ))
-        await self._ensure_stream(api.StreamConfig(
-            name=s.dlq_stream,
-            subjects=[f"{s.subject_prefix}_dlq.>"],
-            storage=api.StorageType.FILE,
-            max_age=0,
-        ))
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=s.stream,
+                subjects=[f"{s.subject_prefix}.>"],
+                storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.LIMITS,
+                max_age=0,  # the log is never aged out
+                duplicate_window=s.duplicate_window_s,
+                allow_direct=True,
+            )
+        )
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=s.dlq_stream,
+                subjects=[f"{s.subject_prefix}_dlq.>"],
+                storage=api.StorageType.FILE,
+                max_age=0,
+            )
+        )
         objects = api.ObjectStoreConfig(bucket=s.artifacts_bucket, storage=api.StorageType.FILE)
-        processed = api.KeyValueConfig(bucket=f"{s.stream}_processed", history=1,
-                                       storage=api.StorageType.FILE)
+        processed = api.KeyValueConfig(
+            bucket=f"{s.stream}_processed", history=1, storage=api.StorageType.FILE
+        )
         self._objects = await self._ensure_bucket(
-            self.js.object_store, lambda: self.js.create_object_store(objects.bucket, config=objects),
-            objects.bucket)
+            self.js.object_store,
+            lambda: self.js.create_object_store(s.artifacts_bucket, config=objects),
+            s.artifacts_bucket,
+        )
         self._processed = await self._ensure_bucket(
-            self.js.key_value, lambda: self.js.create_key_value(config=processed), processed.bucket)
+            self.js.key_value, lambda: self.js.create_key_value(config=processed), processed.bucket
+        )
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
         try:
@@ -178,8 +195,9 @@ class Bus:
 
     # ------------------------------------------------------------------ publish
 
-    async def publish(self, event: Event, *, once_per_subject: bool = False,
-                      retry_for: float = 60.0) -> Published:
+    async def publish(
+        self, event: Event, *, once_per_subject: bool = False, retry_for: float = 60.0
+    ) -> Published:
         """Store `event` in the log. Retries through broker restarts for up to `retry_for`
         seconds; safe because the message id makes the retry a no-op if the first landed."""
         headers = {"Nats-Msg-Id": event.event_id}
@@ -189,8 +207,9 @@ class Bus:
         body = encode(event)
         return await self._publish_raw(self.subject_of(event), body, headers, retry_for)
 
-    async def _publish_raw(self, subject: str, body: bytes, headers: dict[str, str],
-                           retry_for: float) -> Published:
+    async def _publish_raw(
+        self, subject: str, body: bytes, headers: dict[str, str], retry_for: float
+    ) -> Published:
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + retry_for, 0.1
         while True:
@@ -206,16 +225,24 @@ class Bus:
             except _TRANSIENT as exc:
                 failure = exc
             if loop.time() + delay > deadline:
-                raise BrokerUnavailable(f"publish to {subject} failed for {retry_for:.0f}s: {failure!r}")
+                raise BrokerUnavailable(
+                    f"publish to {subject} failed for {retry_for:.0f}s: {failure!r}"
+                )
             log.warning("publish to %s failed (%r); retrying in %.1fs", subject, failure, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def dead_letter(self, role: str, body: bytes, reason: str, headers: dict[str, str]) -> None:
+    async def dead_letter(
+        self, role: str, body: bytes, reason: str, headers: dict[str, str]
+    ) -> None:
         """Keep a message that could not be handled, with why, on `<prefix>_dlq.<role>`."""
         keep = body[: 256 * 1024]
-        meta = {**headers, "Groundloop-Reason": reason[:1000], "Groundloop-Role": role,
-                "Groundloop-Body-Bytes": str(len(body))}
+        meta = {
+            **headers,
+            "Groundloop-Reason": reason[:1000],
+            "Groundloop-Role": role,
+            "Groundloop-Body-Bytes": str(len(body)),
+        }
         if len(keep) < len(body):
             meta["Groundloop-Truncated"] = "true"
         await self._publish_raw(self.dead_letter_subject(role), keep, meta, retry_for=30.0)
@@ -249,14 +276,18 @@ class Bus:
         async for _seq, event in self.raw_events(search_id, batch):
             yield event
 
-    async def raw_events(self, search_id: str | None = None,
-                         batch: int = 1000) -> AsyncIterator[tuple[int, Event]]:
+    async def raw_events(
+        self, search_id: str | None = None, batch: int = 1000
+    ) -> AsyncIterator[tuple[int, Event]]:
         subject = self.subject_filter(search_id=search_id or "*")
         sub = await self.js.pull_subscribe(
-            subject, stream=self.settings.stream,
+            subject,
+            stream=self.settings.stream,
             config=api.ConsumerConfig(
-                ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
-                inactive_threshold=60.0, max_waiting=1,
+                ack_policy=api.AckPolicy.NONE,
+                deliver_policy=api.DeliverPolicy.ALL,
+                inactive_threshold=60.0,
+                max_waiting=1,
             ),
         )
         try:

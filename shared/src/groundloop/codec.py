@@ -38,7 +38,8 @@ class EventCodec:
     def __init__(self, event_types: tuple[type[Event], ...], schema_dir: Path) -> None:
         self.event_types = event_types
         self.by_type: dict[str, type[Event]] = {cls.TYPE: cls for cls in event_types}
-        self.union = Annotated[Union[event_types], Field(discriminator="type")]  # noqa: UP007
+        # Built at run time from `event_types`, so no static type describes it.
+        self.union: Any = Annotated[Union[event_types], Field(discriminator="type")]  # noqa: UP007
         self.adapter: TypeAdapter[Event] = TypeAdapter(self.union)
         # (type, old version) -> function turning that payload dict into the next version's dict.
         self.upcasters: dict[tuple[str, int], Upcaster] = {}
@@ -47,12 +48,10 @@ class EventCodec:
     def upcast(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Lift an old payload to the current version of its type, one step at a time."""
         kind = payload.get("type")
-        current = self.by_type[kind].VERSION if kind in self.by_type else None
-        while (
-            current is not None
-            and isinstance(payload.get("version"), int)
-            and payload["version"] < current
-        ):
+        if kind not in self.by_type:
+            return payload
+        current = self.by_type[kind].VERSION
+        while isinstance(payload.get("version"), int) and payload["version"] < current:
             step = self.upcasters.get((kind, payload["version"]))
             if step is None:
                 raise InvalidEvent(f"{kind} v{payload['version']} has no upcaster to v{current}")

@@ -113,7 +113,8 @@ async def ensure_consumer(bus: Bus, role: str, filters: list[str]) -> None:
         max_deliver=s.max_deliver,
         max_ack_pending=10_000,
         max_waiting=512,
-        **({"filter_subject": filters[0]} if len(filters) == 1 else {"filter_subjects": filters}),
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) != 1 else None,
     )
     try:
         await bus.js.consumer_info(s.stream, role)
@@ -179,7 +180,9 @@ async def consume(
             await sub.unsubscribe()
 
 
-async def _process(bus: Bus, role: str, msg: Any, handler: Handler, history: bool, dedupe: bool) -> None:
+async def _process(
+    bus: Bus, role: str, msg: Any, handler: Handler, history: bool, dedupe: bool
+) -> None:
     headers = dict(msg.headers or {})
     meta = msg.metadata
     attempt = meta.num_delivered
@@ -191,35 +194,69 @@ async def _process(bus: Bus, role: str, msg: Any, handler: Handler, history: boo
             )
         event = decode(msg.data)
     except InvalidEvent as exc:
-        log.error("%s: rejecting message %s (stream seq %d): %s", role, msg.subject,
-                  meta.sequence.stream, exc)
-        await bus.dead_letter(role, msg.data, str(exc), {**headers, "Groundloop-Subject": msg.subject,
-                                                        "Groundloop-Stream-Seq": str(meta.sequence.stream)})
+        log.error(
+            "%s: rejecting message %s (stream seq %d): %s",
+            role,
+            msg.subject,
+            meta.sequence.stream,
+            exc,
+        )
+        await bus.dead_letter(
+            role,
+            msg.data,
+            str(exc),
+            {
+                **headers,
+                "Groundloop-Subject": msg.subject,
+                "Groundloop-Stream-Seq": str(meta.sequence.stream),
+            },
+        )
         await msg.term()
         return
-    if (not history and is_history(event)) or (dedupe and await bus.was_processed(role, event.event_id)):
+    if (not history and is_history(event)) or (
+        dedupe and await bus.was_processed(role, event.event_id)
+    ):
         log.debug("%s: %s is history or already processed; acking", role, describe(event))
         await msg.ack()
         return
     delivery = Delivery(event, attempt, bus.settings.max_deliver, bus.settings.ack_wait_s, msg)
-    with telemetry.span_from_headers(f"{role} {event.type}", headers, event_id=event.event_id,
-                                     search_id=event.search_id, attempt=attempt):
+    with telemetry.span_from_headers(
+        f"{role} {event.TYPE}",
+        headers,
+        event_id=event.event_id,
+        search_id=event.search_id,
+        attempt=attempt,
+    ):
         try:
             outputs = await handler(event, delivery)
             await publish_outputs(bus, outputs)
         except Retry as exc:
-            log.info("%s: %s handed back (%s); retry in %.1fs", role, describe(event), exc.reason, exc.delay)
+            log.info(
+                "%s: %s handed back (%s); retry in %.1fs",
+                role,
+                describe(event),
+                exc.reason,
+                exc.delay,
+            )
             await msg.nak(delay=exc.delay)
             return
         except Reject as exc:
             log.error("%s: %s rejected: %s", role, describe(event), exc.reason)
-            await bus.dead_letter(role, msg.data, exc.reason, {**headers, "Groundloop-Subject": msg.subject})
+            await bus.dead_letter(
+                role, msg.data, exc.reason, {**headers, "Groundloop-Subject": msg.subject}
+            )
             await msg.term()
             return
         except Exception:
-            delay = min(2.0 ** attempt, 30.0)
-            log.exception("%s: handling %s failed (attempt %d/%d); retry in %.0fs", role,
-                          describe(event), attempt, bus.settings.max_deliver, delay)
+            delay = min(2.0**attempt, 30.0)
+            log.exception(
+                "%s: handling %s failed (attempt %d/%d); retry in %.0fs",
+                role,
+                describe(event),
+                attempt,
+                bus.settings.max_deliver,
+                delay,
+            )
             await msg.nak(delay=delay)
             return
     if dedupe:

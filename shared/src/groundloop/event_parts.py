@@ -69,6 +69,9 @@ class ImplementerSettings(Record):
     model: str | None = None
     samples: int = 2
     revisions: int = 2
+    # How the model writes edits; None: chosen by model strength (whole files for local or
+    # small models, unified diffs otherwise: groundloop.implementer.edit_formats).
+    edit_format: Literal["diff", "search-replace", "whole-file"] | None = None
 
 
 class GenerationPlan(Record):

@@ -113,7 +113,7 @@ class SearchStarted(Event):
     the baseline and opens generation 0), the ideator and implementer (settings), projector."""
 
     type: Literal["SearchStarted"] = "SearchStarted"
-    version: Literal[1] = 1
+    version: Literal[2] = 2  # v2: implementer.edit_format (v1 payloads lift unchanged)
     environment: str
     environment_digest: str
     strategy: Literal["evolution", "best_of_n", "rl"]
@@ -227,7 +227,7 @@ class RunStarted(Event):
     """Emitted by a runner when a run's process starts. Consumed by the projector."""
 
     type: Literal["RunStarted"] = "RunStarted"
-    version: Literal[1] = 1
+    version: Literal[2] = 2
     run_id: str
     patch_id: str | None = None
     idea_id: str | None = None
@@ -236,6 +236,9 @@ class RunStarted(Event):
     devices: list[str] = []
     seed: int
     attempt: int = 1
+    # The protections in force for this run on its host (sandbox.host_protections: name ->
+    # what enforces it, or "off: why"); v2. Empty for v1 events, which did not record them.
+    isolation: dict[str, str] = {}
 
 
 class RunCompleted(Event):
@@ -276,6 +279,42 @@ class SearchCompleted(Event):
     final: list[FinalEvaluation] = []
 
 
+class IdeasShortfall(Event):
+    """Emitted by the ideator when a generation got fewer ideas than planned even after its
+    bounded re-asks (unparsable answers, template echoes, duplicates, no untried knob left).
+    Consumed by the evolver, which then expects only `proposed` ideas and closes the
+    generation once they are terminal instead of waiting for its deadline; and the projector.
+    Subject key: the generation (at most one per generation, like GenerationAdvanced)."""
+
+    type: Literal["IdeasShortfall"] = "IdeasShortfall"
+    version: Literal[1] = 1
+    generation: int = Field(ge=0)
+    planned: int = Field(ge=0)
+    proposed: int = Field(ge=0)
+    reason: str
+
+    def subject_key(self) -> str:
+        return str(self.generation)
+
+
+class SearchStopped(Event):
+    """Emitted by the ideator or implementer when the search cannot go on as configured: a
+    model that is unreachable, not served, or cannot answer within its timeout would fail
+    every idea. One per search and producer (a derived, stable event id), so every idea that
+    meets the same failure re-publishes the same event. Consumed by the evolver (the search
+    ends: nothing more is dispatched and no SearchCompleted follows), the CLI (exits non-zero
+    with `reason`) and the projector (status "stopped"). Subject key: `stage`."""
+
+    type: Literal["SearchStopped"] = "SearchStopped"
+    version: Literal[1] = 1
+    stage: Literal["ideator", "implementer", "evolver", "runner", "user"]
+    reason: str
+    error_type: str | None = None  # e.g. "LLMUnreachable", "ModelNotServed"
+
+    def subject_key(self) -> str:
+        return self.stage
+
+
 class PolicyUpdated(Event):
     """Emitted by the rl-trainer after each policy update. Consumed by the ideator (which
     proposer version is live) and the projector."""
@@ -302,6 +341,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RunCompleted,
     SearchCompleted,
     PolicyUpdated,
+    IdeasShortfall,
+    SearchStopped,
 )
 for _cls in EVENT_TYPES:  # class constants mirror the Literal defaults, for lookups
     _cls.TYPE = _cls.model_fields["type"].default
@@ -312,10 +353,26 @@ EVENTS_BY_TYPE: dict[str, type[Event]] = _CODEC.by_type
 AnyEvent = _CODEC.union  # the discriminated union of EVENT_TYPES
 # The one codec's functions; an upcaster goes in UPCASTERS[(type, old version)].
 UPCASTERS = _CODEC.upcasters
+
+
+def _run_started_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    # v1 runners did not record the run's protections: none are claimed for those runs.
+    return {**payload, "version": 2, "isolation": {}}
+
+
+UPCASTERS[("RunStarted", 1)] = _run_started_v1_to_v2
 upcast = _CODEC.upcast
 decode = _CODEC.decode
 schema_path = _CODEC.schema_path
 write_schemas = _CODEC.write_schemas
+
+
+def _search_started_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 added the optional implementer.edit_format; a v1 search chose it by model."""
+    return {**payload, "version": 2}
+
+
+UPCASTERS[("SearchStarted", 1)] = _search_started_v1_to_v2
 
 
 def is_valid_search_id(search_id: str) -> bool:

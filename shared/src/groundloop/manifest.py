@@ -90,7 +90,9 @@ class Metric(_Strict):
         if self.hack_floor is not None and value < self.hack_floor:
             return f"suspected reward hack: {self.name}={value:.6g} below floor {self.hack_floor}"
         if self.hack_ceiling is not None and value > self.hack_ceiling:
-            return f"suspected reward hack: {self.name}={value:.6g} above ceiling {self.hack_ceiling}"
+            return (
+                f"suspected reward hack: {self.name}={value:.6g} above ceiling {self.hack_ceiling}"
+            )
         return None
 
     def better(self, a: float, b: float) -> bool:
@@ -131,9 +133,13 @@ class Knob(_Strict):
             if self.scale == "log" and self.low <= 0:
                 raise ValueError(f"knob {self.name}: a log-scale knob needs low > 0")
             if not self.low <= float(self.default) <= self.high:
-                raise ValueError(f"knob {self.name}: default {self.default} outside [{self.low}, {self.high}]")
+                raise ValueError(
+                    f"knob {self.name}: default {self.default} outside [{self.low}, {self.high}]"
+                )
         if self.type == "choice" and (not self.choices or self.default not in self.choices):
-            raise ValueError(f"knob {self.name}: a choice knob needs `choices` containing the default")
+            raise ValueError(
+                f"knob {self.name}: a choice knob needs `choices` containing the default"
+            )
         return self
 
 
@@ -185,24 +191,34 @@ class Manifest(_Strict):
         for knob in self.knobs:
             if knob.name == name:
                 return knob
-        raise KeyError(f"{self.name} declares no knob {name!r}; known: {[k.name for k in self.knobs]}")
+        raise KeyError(
+            f"{self.name} declares no knob {name!r}; known: {[k.name for k in self.knobs]}"
+        )
 
 
 def load_manifest(path: Path) -> Manifest:
     """Load `path` (a manifest file or an environment folder) with errors that say what to fix."""
     path = path / MANIFEST_NAME if path.is_dir() else path
     if not path.is_file():
-        raise ManifestError(f"{path}: no such manifest; an environment folder needs {MANIFEST_NAME}")
+        raise ManifestError(
+            f"{path}: no such manifest; an environment folder needs {MANIFEST_NAME}"
+        )
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise ManifestError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from None
+        raise ManifestError(
+            f"{path}: not valid TOML ({exc}); fix the syntax at that line"
+        ) from None
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            hint = "remove it or check its spelling" if err["type"] == "extra_forbidden" else err["msg"]
+            hint = (
+                "remove it or check its spelling"
+                if err["type"] == "extra_forbidden"
+                else err["msg"]
+            )
             problems.append(f"  {where}: {hint}")
         raise ManifestError(f"{path}: invalid manifest\n" + "\n".join(problems)) from None

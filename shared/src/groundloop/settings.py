@@ -5,12 +5,11 @@ Built in `main()` and passed down; nothing reads the environment at import time.
 
 from __future__ import annotations
 
-from pathlib import Path
 import sys
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
 
 
 def default_environments_dir() -> Path:

@@ -34,8 +34,12 @@ _TRACER_NAME = "groundloop"
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname,
-                 "logger": record.name, "message": record.getMessage()}
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         span = trace.get_current_span().get_span_context()
         if span.is_valid:
             entry["trace_id"] = f"{span.trace_id:032x}"
@@ -46,16 +50,20 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(
-        "%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if settings.log_json
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     logging.getLogger("nats").setLevel(logging.WARNING)
 
 
-def configure_tracing(settings: Settings, service: str,
-                      exporter: SpanExporter | None = None) -> TracerProvider | None:
+def configure_tracing(
+    settings: Settings, service: str, exporter: SpanExporter | None = None
+) -> TracerProvider | None:
     """Install a tracer provider for this process; `exporter` overrides the settings (tests)."""
     if exporter is None:
         if settings.traces == "console":
@@ -67,11 +75,17 @@ def configure_tracing(settings: Settings, service: str,
                 raise RuntimeError(
                     "GROUNDLOOP_TRACES=otlp needs the exporter: pip install 'groundloop[otlp]'"
                 ) from None
-            exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint) if settings.otlp_endpoint else OTLPSpanExporter()
+            exporter = (
+                OTLPSpanExporter(endpoint=settings.otlp_endpoint)
+                if settings.otlp_endpoint
+                else OTLPSpanExporter()
+            )
         else:
             return None
     provider = TracerProvider(resource=Resource.create({"service.name": f"groundloop-{service}"}))
-    processor = SimpleSpanProcessor(exporter) if settings.traces != "otlp" else BatchSpanProcessor(exporter)
+    processor = (
+        SimpleSpanProcessor(exporter) if settings.traces != "otlp" else BatchSpanProcessor(exporter)
+    )
     provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     return provider
@@ -88,7 +102,9 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
 
 
 @contextmanager
-def span_from_headers(name: str, headers: dict[str, str] | None, **attributes: Any) -> Iterator[trace.Span]:
+def span_from_headers(
+    name: str, headers: dict[str, str] | None, **attributes: Any
+) -> Iterator[trace.Span]:
     """Run the body in a span that continues the trace carried by `headers`."""
     parent = _PROPAGATOR.extract(headers or {})
     token = context.attach(parent)
@@ -99,4 +115,11 @@ def span_from_headers(name: str, headers: dict[str, str] | None, **attributes: A
         context.detach(token)
 
 
-__all__ = ["configure_logging", "configure_tracing", "inject", "span_from_headers", "tracer", "propagate"]
+__all__ = [
+    "configure_logging",
+    "configure_tracing",
+    "inject",
+    "span_from_headers",
+    "tracer",
+    "propagate",
+]

@@ -17,8 +17,8 @@ killed at the end, including grandchildren that called setsid() or daemonised, b
 containment "cgroup2" (a fresh cgroup per run, with a kernel process cap via `pids.max`)
 or else "proc-scan" (a child subreaper scanning /proc for the run's processes); in bwrap its
 pid namespace ends with its pid 1 as well. `groundloop.execution.process_tree`, the OS-level
-half, is kept apart so that this module (the public API and the supervising loop) reads in
-one sitting.
+half, and `groundloop.execution.sandbox_limits` (`Limits`, rlimits, the bwrap wrapping) are
+kept apart so that this module (the public API and the supervising loop) reads in one sitting.
 
 What was enforced, each protection not in force ("off: why"), and any limit that was hit
 are recorded in `ProcessResult.isolation`, which the runner copies into the run's
@@ -31,8 +31,6 @@ import contextlib
 import contextvars
 import logging
 import os
-import re
-import resource
 import select
 import signal
 import subprocess
@@ -45,16 +43,11 @@ from pathlib import Path
 from typing import Literal
 
 from groundloop.execution.bubblewrap import (
-    DEFAULT_RUN_UID,
     IsolationUnavailable,
-    Wrapped,
-    bwrap_error,
     drop_to,
-    hand_over,
     host_protections,
     isolation_gaps,
     require_full_isolation,
-    wrap,
 )
 from groundloop.execution.cgroup_memory import MemoryLimit
 from groundloop.execution.process_tree import CLONE_NEWNET as CLONE_NEWNET
@@ -72,6 +65,8 @@ from groundloop.execution.process_tree import (
 )
 from groundloop.execution.run_env import RUN_VARIABLES as RUN_VARIABLES
 from groundloop.execution.run_env import allowed_environment as allowed_environment
+from groundloop.execution.sandbox_limits import Limits as Limits
+from groundloop.execution.sandbox_limits import bwrap_wrapping, limit_from_exit, rlimits
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +77,6 @@ WATCH_SECONDS = 0.2  # process-cap / containment sweep period
 _CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
     "sandbox_cancel", default=None
 )
-
-
-@dataclass(frozen=True)
-class Limits:
-    memory_bytes: int | None = None  # RLIMIT_AS (leave None for CUDA runs: it reserves VA)
-    max_processes: int | None = None
-    file_size_bytes: int | None = None
-    open_files: int | None = None
-    # Resident memory, by the memory cgroup: fits CPU and GPU runs alike.
-    resident_memory_bytes: int | None = None
-    # bubblewrap namespaces (groundloop.execution.bubblewrap). The run protocol (execute,
-    # prepare, pre-flight) turns None into True; a bare run_sandboxed call with None runs a
-    # plain process group in the runner's view (the low-level API; its pid-level tests).
-    isolate: bool | None = None
-    run_uid: int | None = DEFAULT_RUN_UID  # the uid a root runner's runs get (one per slot)
-    # Refuse to start (IsolationUnavailable) unless every protection is in force on this host.
-    require_full_isolation: bool = False
 
 
 @dataclass
@@ -143,20 +121,6 @@ def sweep_orphaned_runs() -> int:
     return swept
 
 
-def _rlimits(limits: Limits) -> list[tuple[int, int]]:
-    """The rlimits `limits` asks for (the child always gets RLIMIT_CORE=0 on top)."""
-    rlimits: list[tuple[int, int]] = []
-    if limits.memory_bytes is not None:
-        rlimits.append((resource.RLIMIT_AS, limits.memory_bytes))
-    if limits.max_processes is not None:
-        rlimits.append((resource.RLIMIT_NPROC, limits.max_processes))
-    if limits.file_size_bytes is not None:
-        rlimits.append((resource.RLIMIT_FSIZE, limits.file_size_bytes))
-    if limits.open_files is not None:
-        rlimits.append((resource.RLIMIT_NOFILE, limits.open_files))
-    return rlimits
-
-
 # ---------------------------------------------------------------------------- run
 
 
@@ -193,7 +157,7 @@ def run_sandboxed(
     sweep_orphaned_runs()
     box = _Containment(token, limits.max_processes)
     isolation = box.isolation
-    wrapped = _wrapped(cmd, cwd, env, writable, readable, network, limits, isolation)
+    wrapped = bwrap_wrapping(cmd, cwd, env, writable, readable, network, limits, isolation)
     net_unshare = None
     if network:
         isolation["network"] = "allowed: requested by caller"
@@ -229,7 +193,7 @@ def run_sandboxed(
             start_new_session=True,
             pass_fds=wrapped.fds if wrapped else (),
             preexec_fn=_preexec(
-                _rlimits(limits),
+                rlimits(limits),
                 box.join_paths() + (memory.join_paths() if memory else []),
                 net_unshare,
                 (lambda: drop_to(uid)) if uid is not None else None,
@@ -354,9 +318,7 @@ def run_sandboxed(
     if status == "exited" and proc.returncode == -signal.SIGKILL:
         status = "killed"  # e.g. the kernel's OOM killer
     hit = (
-        isolation.get("limit_hit")
-        or isolation_hit
-        or _limit_from_exit(proc.returncode, bytes(tail))
+        isolation.get("limit_hit") or isolation_hit or limit_from_exit(proc.returncode, bytes(tail))
     )
     if hit:
         isolation["limit_hit"] = hit
@@ -367,53 +329,6 @@ def run_sandboxed(
         output_tail=tail.decode("utf-8", errors="replace")[-8000:],
         isolation=isolation,
     )
-
-
-def _wrapped(
-    cmd: list[str],
-    cwd: Path,
-    env: dict[str, str],
-    writable: list[Path] | tuple[Path, ...],
-    readable: list[Path] | tuple[Path, ...],
-    network: bool,
-    limits: Limits,
-    isolation: dict[str, str],
-) -> Wrapped | None:
-    """The bwrap wrapping of `cmd` (None without it), its protections in `isolation`."""
-    for name, value in host_protections(limits.run_uid).items():
-        isolation.setdefault(name, value)
-    if not limits.isolate:
-        isolation["sandbox"] = f"off: isolate={limits.isolate} chosen by the caller"
-        for name in ("user", "capabilities", "namespaces", "filesystem"):
-            isolation[name] = "off: not sandboxed by bwrap"
-    if not limits.isolate or bwrap_error(limits.run_uid):
-        if limits.isolate:
-            log.warning("sandbox: running without bwrap: %s", "; ".join(isolation_gaps(isolation)))
-        return None
-    own = [env.get("HOME"), env.get("GROUNDLOOP_CACHE_DIR")]
-    if env.get("GROUNDLOOP_METRICS_OUT"):
-        own.append(str(Path(env["GROUNDLOOP_METRICS_OUT"]).parent))
-    rw = [*writable, *(Path(p) for p in own if p and Path(p).is_dir())]
-    wrapped = wrap(cmd, cwd=cwd, writable=rw, readable=readable, network=network,
-                   run_uid=limits.run_uid)  # fmt: skip
-    if wrapped.uid is not None:  # a real uid outside: give it the places it may write
-        hand_over(rw, wrapped.uid, recursive=[cwd])
-    if wrapped.user:
-        isolation["user"] = wrapped.user
-    return wrapped
-
-
-def _limit_from_exit(returncode: int | None, tail: bytes) -> str | None:
-    # Python ignores SIGXFSZ, so there the write fails with EFBIG instead of a signal.
-    if returncode == -signal.SIGXFSZ or (returncode and b"File too large" in tail[-4000:]):
-        return "file_size (RLIMIT_FSIZE)"
-    if returncode not in (0, None) and re.search(
-        rb"MemoryError|Cannot allocate memory|std::bad_alloc|out of memory", tail[-4000:]
-    ):
-        return "memory (allocation refused)"
-    if returncode not in (0, None) and re.search(rb"Too many open files", tail[-4000:]):
-        return "open_files (RLIMIT_NOFILE)"
-    return None
 
 
 __all__ = [

@@ -33,8 +33,12 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
 
 
 class _Spec(Protocol):
-    provider: str
-    model: str
+    # Read-only, so a frozen ModelSpec (whose provider is a Literal) matches.
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def model(self) -> str: ...
 
     @property
     def label(self) -> str: ...

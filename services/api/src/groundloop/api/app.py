@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
-from importlib.metadata import version
 from groundloop.api import routes_ideas, routes_searches
-from groundloop.settings import Settings
 from groundloop.api.store import create_tables, make_engine
+from groundloop.settings import Settings
 
 
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:

@@ -69,6 +69,28 @@ def _search_completed(rows: Rows, e: ev.SearchCompleted, at: datetime) -> None:
     s.status = "completed"
 
 
+def _search_stopped(rows: Rows, e: ev.SearchStopped, at: datetime) -> None:
+    """A stopped search ends without SearchCompleted: status "stopped", the reason in
+    completion_reason (its stage and error type lead it). A SearchCompleted outranks it in
+    any arrival order (the evolver emits none after a stop, so both is a fork's edge case)."""
+    s = rows.get_or_create(SearchRow, (e.search_id,))
+    if s.status == "completed":
+        return
+    if claims(at, e.event_id, s.completed_at, s.completed_event_id):
+        kind = f", {e.error_type}" if e.error_type else ""
+        assign(
+            s,
+            completed_at=at,
+            completed_event_id=e.event_id,
+            completion_reason=f"stopped by the {e.stage}{kind}: {e.reason}",
+        )
+    s.status = "stopped"
+
+
+def _ideas_shortfall(rows: Rows, e: ev.IdeasShortfall, at: datetime) -> None:
+    """Nothing to project: the generation's ideas are counted from their own rows."""
+
+
 def _generation_advanced(rows: Rows, e: ev.GenerationAdvanced, at: datetime) -> None:
     g = rows.get_or_create(GenerationRow, (e.search_id, e.generation))
     if claims(at, e.event_id, g.opened_at, g.opened_event_id):
@@ -210,6 +232,8 @@ FOLDS: dict[type[ev.Event], Callable[[Rows, Any, datetime], None]] = {
     ev.RunCompleted: run_completed,
     ev.SearchCompleted: _search_completed,
     ev.PolicyUpdated: _policy_updated,
+    ev.SearchStopped: _search_stopped,
+    ev.IdeasShortfall: _ideas_shortfall,
 }
 
 

@@ -122,24 +122,28 @@ def project_all(
 def bulk_connection(engine: Engine, *, durable: bool = False) -> Iterator[Connection]:
     """A connection for many batches; see project_all for what durable=False means."""
     with engine.connect() as conn:
-        relax = conn.dialect.name == "sqlite" and not durable
-        if relax:
-            previous = conn.exec_driver_sql("PRAGMA synchronous").scalar()
-            conn.exec_driver_sql("PRAGMA synchronous=OFF")
-            conn.commit()
+        if conn.dialect.name != "sqlite" or durable:
+            yield conn
+            return
+        previous = int(conn.exec_driver_sql("PRAGMA synchronous").scalar_one())
+        conn.exec_driver_sql("PRAGMA synchronous=OFF")
+        conn.commit()
         try:
             yield conn
         finally:
-            if relax:
-                conn.rollback()
-                conn.exec_driver_sql(f"PRAGMA synchronous={int(previous)}")
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)")  # syncs what was written
-                conn.commit()
+            conn.rollback()
+            conn.exec_driver_sql(f"PRAGMA synchronous={previous}")
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)")  # syncs what was written
+            conn.commit()
 
 
-def project_batch(conn: Connection, batch: list[ev.Event | tuple[int, ev.Event]], role: str = ROLE) -> int:
+def project_batch(
+    conn: Connection, batch: list[ev.Event | tuple[int, ev.Event]], role: str = ROLE
+) -> int:
     """Apply one batch in one transaction (changes and tracking records together)."""
-    pairs = [item if isinstance(item, tuple) else (None, item) for item in batch]
+    pairs: list[tuple[int | None, ev.Event]] = [
+        item if isinstance(item, tuple) else (None, item) for item in batch
+    ]
     with conn.begin():
         return _apply_batch(conn, pairs, role)
 
@@ -179,7 +183,7 @@ def _prefetch(rows: Rows, batch: list[ev.Event]) -> None:
     runs: set[str] = set()
     for e in batch:
         match e:
-            case ev.SearchStarted() | ev.SearchCompleted():
+            case ev.SearchStarted() | ev.SearchCompleted() | ev.SearchStopped():
                 searches.add(e.search_id)
             case ev.GenerationAdvanced():
                 searches.add(e.search_id)

@@ -11,9 +11,9 @@ import gc
 import time
 from dataclasses import dataclass
 
+from groundloop.api.store import make_engine, reset_tables
 from groundloop.bus import Bus
 from groundloop.settings import Settings
-from groundloop.api.store import make_engine, reset_tables
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ leaderboard."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from fastapi import APIRouter
 from sqlalchemy import func
 from sqlmodel import SQLModel, col, select
@@ -68,18 +70,22 @@ def get_search(search_id: str, session: SessionDep) -> SearchDetail:
     generations = session.exec(
         select(GenerationRow)
         .where(GenerationRow.search_id == search_id)
-        .order_by(GenerationRow.generation)
+        .order_by(col(GenerationRow.generation))
     ).all()
     idea_cost = session.exec(
         select(
             func.coalesce(func.sum(IdeaRow.cost_usd + IdeaRow.patch_failed_cost_usd), 0.0)
         ).where(IdeaRow.search_id == search_id)
     ).one()
-    gpu_seconds = session.exec(
-        select(func.coalesce(func.sum(RunRow.gpu_seconds), 0.0)).where(
-            RunRow.search_id == search_id
-        )
-    ).one()
+    # coalesce(…, 0.0) is never NULL, but SQLAlchemy types it after its (nullable) first argument.
+    gpu_seconds = cast(
+        float,
+        session.exec(
+            select(func.coalesce(func.sum(RunRow.gpu_seconds), 0.0)).where(
+                RunRow.search_id == search_id
+            )
+        ).one(),
+    )
     # Ideator spend (and failed implementations') is on ideas; successful implementations' on patches.
     patch_cost = session.exec(
         select(func.coalesce(func.sum(PatchRow.cost_usd), 0.0)).where(
@@ -115,7 +121,7 @@ def list_ideas(
     ):
         if value is not None:
             query = query.where(column == value)
-    query = query.order_by(IdeaRow.generation, IdeaRow.proposed_at, IdeaRow.idea_id)
+    query = query.order_by(col(IdeaRow.generation), col(IdeaRow.proposed_at), col(IdeaRow.idea_id))
     return list(session.exec(query.offset(offset).limit(limit)))
 
 
@@ -150,7 +156,7 @@ def list_generations(search_id: str, session: SessionDep) -> list[GenerationRow]
         session.exec(
             select(GenerationRow)
             .where(GenerationRow.search_id == search_id)
-            .order_by(GenerationRow.generation)
+            .order_by(col(GenerationRow.generation))
         )
     )
 
@@ -162,7 +168,7 @@ def list_policies(search_id: str, session: SessionDep) -> list[PolicyRow]:
         session.exec(
             select(PolicyRow)
             .where(PolicyRow.search_id == search_id)
-            .order_by(PolicyRow.policy_version)
+            .order_by(col(PolicyRow.policy_version))
         )
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 from pydantic_core import PydanticUndefined
@@ -50,6 +50,12 @@ class Row:
 
     def __repr__(self) -> str:
         return f"Row({self._table.name}, {self.__dict__!r})"
+
+    if TYPE_CHECKING:
+        # Columns are instance attributes set from the table at run time: tell the type
+        # checker reads of any column name are allowed (at run time a missing one is still an
+        # AttributeError, since no __getattr__ exists).
+        def __getattr__(self, name: str) -> Any: ...
 
 
 # Per table: constant defaults (None where the model has none), and default factories.

@@ -19,7 +19,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, DateTime, Engine, create_engine, event, make_url, select
 from sqlalchemy.pool import StaticPool
@@ -61,10 +61,10 @@ def _json(default: Any = None) -> Any:
 
 
 class SearchRow(SQLModel, table=True):
-    __tablename__ = "searches"
+    __tablename__: ClassVar[str] = "searches"
 
     search_id: str = Field(primary_key=True)
-    status: str = "running"  # running | completed
+    status: str = "running"  # running | completed | stopped (SearchStopped)
     # SearchStarted
     environment: str | None = None
     environment_digest: str | None = None
@@ -91,7 +91,7 @@ class SearchRow(SQLModel, table=True):
 
 
 class GenerationRow(SQLModel, table=True):
-    __tablename__ = "generations"
+    __tablename__: ClassVar[str] = "generations"
 
     search_id: str = Field(primary_key=True)
     generation: int = Field(primary_key=True)
@@ -115,7 +115,7 @@ class GenerationRow(SQLModel, table=True):
 
 
 class IdeaRow(SQLModel, table=True):
-    __tablename__ = "ideas"
+    __tablename__: ClassVar[str] = "ideas"
 
     idea_id: str = Field(primary_key=True)
     search_id: str = Field(index=True)
@@ -158,7 +158,7 @@ class IdeaRow(SQLModel, table=True):
 
 
 class PatchRow(SQLModel, table=True):
-    __tablename__ = "patches"
+    __tablename__: ClassVar[str] = "patches"
 
     patch_id: str = Field(primary_key=True)
     search_id: str = Field(index=True)
@@ -186,7 +186,7 @@ class PatchRow(SQLModel, table=True):
 
 
 class RunRow(SQLModel, table=True):
-    __tablename__ = "runs"
+    __tablename__: ClassVar[str] = "runs"
 
     run_id: str = Field(primary_key=True)
     search_id: str = Field(index=True)
@@ -223,7 +223,7 @@ class RunRow(SQLModel, table=True):
 
 
 class PolicyRow(SQLModel, table=True):
-    __tablename__ = "policies"
+    __tablename__: ClassVar[str] = "policies"
 
     search_id: str = Field(primary_key=True)
     policy_version: int = Field(primary_key=True)
@@ -240,7 +240,7 @@ class PolicyRow(SQLModel, table=True):
 class ProcessedEvent(SQLModel, table=True):
     """Tracking record: (role, event_id) was applied, in the transaction that applied it."""
 
-    __tablename__ = "processed_events"
+    __tablename__: ClassVar[str] = "processed_events"
     # Small rows keyed by a random id: one B-tree instead of a table plus its key index.
     __table_args__ = {"sqlite_with_rowid": False}
 

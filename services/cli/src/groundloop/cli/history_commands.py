@@ -27,8 +27,8 @@ from rich.console import Console
 
 from groundloop import events as ev
 from groundloop.bus import Bus
-from groundloop.execution.environment import Environment
 from groundloop.cli.history import HistoryError, export_paper, fork, import_paper, publish_all
+from groundloop.execution.environment import Environment
 from groundloop.manifest import ManifestError
 from groundloop.settings import Settings
 from groundloop.telemetry import configure_logging
@@ -43,8 +43,10 @@ async def read_search(settings: Settings, search_id: str) -> list[ev.Event]:
     finally:
         await bus.close()
     if not events:
-        raise HistoryError(f"no events for search {search_id!r} in stream {settings.stream}; "
-                           "`groundloop searches` lists the searches")
+        raise HistoryError(
+            f"no events for search {search_id!r} in stream {settings.stream}; "
+            "`groundloop searches` lists the searches"
+        )
     return events
 
 
@@ -65,43 +67,63 @@ def default_fork_id(source: str, generation: int, strategy: str) -> str:
     return f"{source[: 64 - len(suffix) - 9]}-{digest}{suffix}"
 
 
-async def fork_search(settings: Settings, source_id: str, from_generation: int, *,
-                      strategy: str | None = None, seed: int | None = None,
-                      new_id: str | None = None, slots: int = 1, report_dir: Path | None = None,
-                      with_runner: bool = True) -> Path | None:
+async def fork_search(
+    settings: Settings,
+    source_id: str,
+    from_generation: int,
+    *,
+    strategy: str | None = None,
+    seed: int | None = None,
+    new_id: str | None = None,
+    slots: int = 1,
+    report_dir: Path | None = None,
+    with_runner: bool = True,
+) -> Path | None:
     """Publish the fork of `source_id` at generation `from_generation`, then run every service
     until it completes; returns the report folder (None if stopped first)."""
     from groundloop.cli.search_job import run_search
 
     source = await read_search(settings, source_id)
     started_src = next((e for e in source if isinstance(e, ev.SearchStarted)), None)
-    name = new_id or default_fork_id(source_id, from_generation,
-                                     strategy or (started_src.strategy if started_src else "same"))
+    name = new_id or default_fork_id(
+        source_id, from_generation, strategy or (started_src.strategy if started_src else "same")
+    )
     events = fork(source, name, from_generation, strategy=strategy, seed=seed)
     *copied, started = events
     assert isinstance(started, ev.SearchStarted)
     env = Environment.load(started.environment, settings.environments_dir)
     if env.digest() != started.environment_digest:
-        console.print(f"[yellow]environment {env.name} changed since {source_id} ran; runners will "
-                      "refuse the fork's runs until the recorded version is deployed[/]")
+        console.print(
+            f"[yellow]environment {env.name} changed since {source_id} ran; runners will "
+            "refuse the fork's runs until the recorded version is deployed[/]"
+        )
     bus = await Bus.connect(settings, "cli-fork")
     try:
         # Only the first time: a resumed fork already has its past (and is past it).
         if not [e async for e in bus.events(name) if isinstance(e, ev.SearchStarted)]:
             stored = await publish_all(bus, copied)
-            console.print(f"fork [bold]{name}[/]: copied {stored} events of generations "
-                          f"< {from_generation} from {source_id}")
+            console.print(
+                f"fork [bold]{name}[/]: copied {stored} events of generations "
+                f"< {from_generation} from {source_id}"
+            )
     finally:
         await bus.close()
-    return await run_search(settings, started, env, slots=slots,
-                            report_dir=report_dir or settings.data_dir / "reports",
-                            with_runner=with_runner)
+    return await run_search(
+        settings,
+        started,
+        env,
+        slots=slots,
+        report_dir=report_dir or settings.data_dir / "reports",
+        with_runner=with_runner,
+    )
 
 
 async def export_search(settings: Settings, search_id: str, output: Path) -> int:
     """Write the search's ideas as paper-format JSONL; returns the number of rows."""
     events = await read_search(settings, search_id)
-    keys = {e.diff_key for e in events if isinstance(e, ev.PatchReady) and e.diff is None and e.diff_key}
+    keys = {
+        e.diff_key for e in events if isinstance(e, ev.PatchReady) and e.diff is None and e.diff_key
+    }
     diffs: dict[str, str] = {}
     if keys:
         bus = await Bus.connect(settings, "cli-export")
@@ -134,8 +156,9 @@ def default_import_id(path: Path) -> str:
     return f"import-{stem}-{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}"
 
 
-async def import_file(settings: Settings, path: Path, env_name: str,
-                      search_id: str | None = None) -> tuple[str, int]:
+async def import_file(
+    settings: Settings, path: Path, env_name: str, search_id: str | None = None
+) -> tuple[str, int]:
     """Publish a paper-format JSONL file as a new, completed search; (search id, events stored)."""
     name = search_id or default_import_id(path)
     env = Environment.load(env_name, settings.environments_dir)
@@ -153,9 +176,14 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
     def run(job) -> list:
         """Run `job(settings)` on a reachable broker; HistoryError → a red message, exit 2."""
         settings = Settings()
-        configure_logging(settings.model_copy(update={"log_level": "WARNING"}) if sys.stdout.isatty() else settings)
+        configure_logging(
+            settings.model_copy(update={"log_level": "WARNING"})
+            if sys.stdout.isatty()
+            else settings
+        )
         result: list = []
         with connected_settings(settings) as s:
+
             async def go() -> None:
                 result.append(await job(s))
 
@@ -172,27 +200,52 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
         (report,) = run(lambda s: redecide_search(s, search))
         for difference in report.differences:
             console.print(f"[red]{difference.describe()}[/]", highlight=False)
-        verdict = "[green]same decisions[/]" if report.ok else f"[red]{len(report.differences)} differ[/]"
-        console.print(f"{search}: {report.events} events re-decided; {report.recorded} recorded "
-                      f"decisions, {report.redecided} re-decided: {verdict}")
+        verdict = (
+            "[green]same decisions[/]" if report.ok else f"[red]{len(report.differences)} differ[/]"
+        )
+        console.print(
+            f"{search}: {report.events} events re-decided; {report.recorded} recorded "
+            f"decisions, {report.redecided} re-decided: {verdict}"
+        )
         if not report.ok:
             raise typer.Exit(1)
 
     @replay_app.command("fork")
     def fork_command(
         search: str,
-        from_generation: Annotated[int, typer.Option("--from-generation", help="carry generations < K")],
-        strategy: Annotated[str | None, typer.Option(help="evolution | best_of_n (default: the source's)")] = None,
-        seed: Annotated[int | None, typer.Option(help="search seed (default: the source's)")] = None,
-        new_id: Annotated[str | None, typer.Option(help="new search id; default <source>-fork<K>-<strategy>, which resumes")] = None,
+        from_generation: Annotated[
+            int, typer.Option("--from-generation", help="carry generations < K")
+        ],
+        strategy: Annotated[
+            str | None, typer.Option(help="evolution | best_of_n (default: the source's)")
+        ] = None,
+        seed: Annotated[
+            int | None, typer.Option(help="search seed (default: the source's)")
+        ] = None,
+        new_id: Annotated[
+            str | None,
+            typer.Option(help="new search id; default <source>-fork<K>-<strategy>, which resumes"),
+        ] = None,
         slots: Annotated[int, typer.Option(help="runs at once on this machine")] = 1,
-        runner: Annotated[bool, typer.Option(help="run a local runner (off: use remote runner replicas)")] = True,
+        runner: Annotated[
+            bool, typer.Option(help="run a local runner (off: use remote runner replicas)")
+        ] = True,
         report_dir: Annotated[Path | None, typer.Option(help="default: <data dir>/reports")] = None,
     ) -> None:
         """Start a new search from generation K of a recorded one and run it to completion."""
-        (out,) = run(lambda s: fork_search(s, search, from_generation, strategy=strategy, seed=seed,
-                                           new_id=new_id, slots=slots, report_dir=report_dir,
-                                           with_runner=runner))
+        (out,) = run(
+            lambda s: fork_search(
+                s,
+                search,
+                from_generation,
+                strategy=strategy,
+                seed=seed,
+                new_id=new_id,
+                slots=slots,
+                report_dir=report_dir,
+                with_runner=runner,
+            )
+        )
         if out is not None:
             console.print(f"[green]done[/]: report in {out}")
             print((out / "leaderboard.md").read_text())  # plain: Markdown must not be re-wrapped
@@ -201,7 +254,9 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
     def export_command(
         search: str,
         output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write")],
-        format: Annotated[str, typer.Option("--format", help="paper: the released trajectory fields")] = "paper",
+        format: Annotated[
+            str, typer.Option("--format", help="paper: the released trajectory fields")
+        ] = "paper",
     ) -> None:
         """Write a search's ideas, patches and results as the paper's trajectory JSONL."""
         if format != "paper":
@@ -214,12 +269,16 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
     def import_command(
         file: Path,
         env: Annotated[str, typer.Option(help="environment the trajectories belong to")],
-        search_id: Annotated[str | None, typer.Option(help="new search id; default import-<file>-<hash>")] = None,
+        search_id: Annotated[
+            str | None, typer.Option(help="new search id; default import-<file>-<hash>")
+        ] = None,
     ) -> None:
         """Read paper-format trajectory JSONL into a new, completed search (nothing is run)."""
         if not file.is_file():
             console.print(f"[red]{file}: no such file[/]")
             raise typer.Exit(2)
         ((name, stored),) = run(lambda s: import_file(s, file, env, search_id))
-        console.print(f"imported {file} as search [bold]{name}[/] ({stored} new events); "
-                      f"fork it with: groundloop replay fork {name} --from-generation K")
+        console.print(
+            f"imported {file} as search [bold]{name}[/] ({stored} new events); "
+            f"fork it with: groundloop replay fork {name} --from-generation K"
+        )

@@ -30,7 +30,7 @@ from groundloop.events import Event
 from groundloop.settings import Settings
 from groundloop.telemetry import configure_logging
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0])
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=(__doc__ or "").split("\n\n")[0])
 events_app = typer.Typer(no_args_is_help=True, help="Read the event log.")
 replay_app = typer.Typer(no_args_is_help=True, help="Rebuild, re-decide or fork from the log.")
 app.add_typer(events_app, name="events")
@@ -62,10 +62,38 @@ def run_async(coro) -> None:
         raise typer.Exit(2) from None
 
 
+ERROR_CHARS = 300  # of an error shown on one tail line; `events tail` is for scanning
+
+
+def _first_line(text: str) -> str:
+    line = next((part for part in text.splitlines() if part.strip()), "")
+    return line if len(line) <= ERROR_CHARS else line[: ERROR_CHARS - 1] + "…"
+
+
 def format_event(event: Event) -> str:
-    keys = ("generation", "idea_id", "patch_id", "run_id", "status", "score", "title", "reason")
-    detail = " ".join(f"{k}={getattr(event, k)}" for k in keys if getattr(event, k, None) is not None)
-    return f"{event.occurred_at:%H:%M:%S} {event.search_id} [bold]{event.type}[/] {detail}"  # type: ignore[attr-defined]
+    """One line per event; failures (PatchFailed, a RunCompleted that did not succeed,
+    SearchStopped) show their stage and error, so the tail says what went wrong."""
+    keys = (
+        "generation",
+        "idea_id",
+        "patch_id",
+        "run_id",
+        "status",
+        "score",
+        "title",
+        "stage",
+        "planned",
+        "proposed",
+        "error_type",
+        "reason",
+    )
+    detail = " ".join(
+        f"{k}={getattr(event, k)}" for k in keys if getattr(event, k, None) is not None
+    )
+    error = getattr(event, "last_error", None) or getattr(event, "error_tail", None)
+    if error and getattr(event, "status", "failed") != "succeeded":
+        detail += f" error={_first_line(error)!r}"
+    return f"{event.occurred_at:%H:%M:%S} {event.search_id} [bold]{event.TYPE}[/] {detail}"
 
 
 @app.command()
@@ -74,14 +102,17 @@ def broker(port: Annotated[int, typer.Option(help="client port")] = DEFAULT_PORT
     settings = Settings()
     configure_logging(settings)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # before the broker starts: no window for a raw Ctrl-C
+    # Before the broker starts: no window for a raw Ctrl-C.
+    for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     instance = EmbeddedBroker(settings.data_dir, port)
     with instance:
         if not instance.owned:
             console.print(f"a broker for {settings.data_dir} is already running on {instance.url}")
             return
-        console.print(f"nats-server with JetStream on {instance.url} (store {instance.root}); Ctrl-C stops it")
+        console.print(
+            f"nats-server with JetStream on {instance.url} (store {instance.root}); Ctrl-C stops it"
+        )
         while not stop.wait(0.5):
             pass
 
@@ -89,7 +120,9 @@ def broker(port: Annotated[int, typer.Option(help="client port")] = DEFAULT_PORT
 @events_app.command("tail")
 def events_tail(
     search: Annotated[str | None, typer.Option(help="only this search")] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing new events")
+    ] = False,
 ) -> None:
     """Print the log (one search or all) in publish order."""
     settings = Settings()
@@ -125,7 +158,9 @@ def events_dead_letters(role: str) -> None:
         bus = await Bus.connect(s, "cli-dlq")
         try:
             for headers, body in await bus.dead_letters(role):
-                console.print(f"[red]{headers.get('Groundloop-Reason')}[/] {body[:200]!r}", highlight=False)
+                console.print(
+                    f"[red]{headers.get('Groundloop-Reason')}[/] {body[:200]!r}", highlight=False
+                )
         finally:
             await bus.close()
 
@@ -148,25 +183,36 @@ def replay_rebuild() -> None:
 
         run_async(go())
     report = result[0]
-    console.print(f"rebuilt {settings.resolved_db_url()} from {report.events} events "
-                  f"in {report.seconds:.2f}s ({report.rate:,.0f} events/s)")
+    console.print(
+        f"rebuilt {settings.resolved_db_url()} from {report.events} events "
+        f"in {report.seconds:.2f}s ({report.rate:,.0f} events/s)"
+    )
 
 
 @app.command()
 def searches() -> None:
     """List searches from the projections."""
-    from sqlmodel import Session, select
+    from sqlmodel import Session, col, select
 
     from groundloop.api.store import SearchRow, create_tables, make_engine
 
     settings = Settings()
     engine = make_engine(settings.resolved_db_url())
     create_tables(engine)
-    table = Table("search", "environment", "strategy", "status", "best score", "baseline", "started")
+    table = Table(
+        "search", "environment", "strategy", "status", "best score", "baseline", "started"
+    )
     with Session(engine) as session:
-        for row in session.exec(select(SearchRow).order_by(SearchRow.started_at)):
-            table.add_row(row.search_id, row.environment, row.strategy, row.status,
-                          _fmt(row.best_score), _fmt(row.baseline_score), f"{row.started_at:%Y-%m-%d %H:%M}")
+        for row in session.exec(select(SearchRow).order_by(col(SearchRow.started_at))):
+            table.add_row(
+                row.search_id,
+                row.environment,
+                row.strategy,
+                row.status,
+                _fmt(row.best_score),
+                _fmt(row.baseline_score),
+                f"{row.started_at:%Y-%m-%d %H:%M}",
+            )
     console.print(table)
 
 

@@ -146,7 +146,7 @@ def import_paper(
     def eid(*parts: object) -> str:
         return ev.stable_id(search_id, "import", *parts)
 
-    def base(key: tuple, cause: str) -> dict[str, Any]:
+    def base(key: tuple, cause: str | None) -> dict[str, Any]:
         return {
             "event_id": eid(*key),
             "search_id": search_id,
@@ -177,8 +177,9 @@ def import_paper(
             proposer=ev.ProposerInfo(kind="import", model=row["ideator_model"]),
         )
         out.append(idea)
-        patch_id = eid("patch", n) if diff else None
+        patch_id: str | None = None
         if diff:
+            patch_id = eid("patch", n)
             out.append(
                 ev.PatchReady(
                     **base((n, "PatchReady"), idea.event_id),
@@ -218,8 +219,8 @@ def import_paper(
             )
         if not diff and result is None:
             continue
-        finite = result is not None and math.isfinite(result)
-        reward = (metric.to_reward(result) if metric else result) if finite else 0.0
+        score = result if result is not None and math.isfinite(result) else None  # None: failed
+        reward = 0.0 if score is None else metric.to_reward(score) if metric else score
         out.append(
             ev.RunCompleted(
                 **base((n, "RunCompleted"), out[-1].event_id),
@@ -228,18 +229,18 @@ def import_paper(
                 idea_id=idea_id,
                 generation=epoch,
                 purpose="search",
-                status="succeeded" if finite else "failed",
-                score=result if finite else None,
+                status="succeeded" if score is not None else "failed",
+                score=score,
                 reward=reward,
                 seed=0,
-                metrics={metric.name: result} if metric and finite else {},
+                metrics={metric.name: score} if metric and score is not None else {},
                 reason=None
-                if finite
+                if score is not None
                 else f"the imported trajectory has no finite result ({result!r})",
             )
         )
-        if finite:
-            results.append((idea_id, epoch, result, reward))  # type: ignore[arg-type]
+        if score is not None:
+            results.append((idea_id, epoch, score, reward))
     best = max(results, key=lambda r: r[3], default=None)
     out.append(
         ev.SearchCompleted(

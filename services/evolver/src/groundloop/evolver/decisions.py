@@ -4,7 +4,11 @@
 events before generation 0, GenerationAdvanced when a generation closes (every idea terminal,
 or its deadline passed), final re-evaluation RunRequested events once a budget is spent or
 the generations are done, and SearchCompleted with mean ± 95 % CI and Welch p-values.
-`service.handle` folds an event and calls it; `service.tick` calls it for deadlines.
+`service.handle` folds an event and calls it; `service.tick` calls it for deadlines. A
+generation whose ideator reported an IdeasShortfall closes once the ideas it got are terminal.
+A search with a SearchStopped (the model cannot be reached, say) gets no further decision:
+no run, no generation, and no SearchCompleted, so a stopped search is never reported as a
+success; its end is the SearchStopped itself.
 
 Output ids are a function of the decision, not of what triggered it (`_decision_id`): the
 last RunCompleted of a generation, a deadline tick and a restarted evolver all reach "advance
@@ -76,8 +80,8 @@ class Deps:
 def decide(state: SearchState, deps: Deps, cause: Event | None) -> list[Event]:
     """Everything the evolver should emit now, given the state. A pure function of the
     state, the environment's manifest and the clock (deadlines only)."""
-    if state.started is None or state.completed is not None:
-        return []
+    if state.started is None or state.ended:
+        return []  # a stopped search gets no SearchCompleted: SearchStopped is its end
     try:
         env = deps.environments(state.started.environment)
         exploit_share(state.started.config.exploit_schedule, 1)
@@ -315,7 +319,8 @@ def _final_phase(ctx: _Decision) -> list[Event]:
     baseline = [state.runs[_final_baseline_run_id(ctx, s)] for s in seeds]
     if not all(run.terminal for run in final_runs + baseline):
         return []
-    return [_search_completed(ctx, ideas, [run.score for run in baseline if run.succeeded])]
+    baseline_scores = [run.score for run in baseline if run.succeeded and run.score is not None]
+    return [_search_completed(ctx, ideas, baseline_scores)]
 
 
 def _search_completed(

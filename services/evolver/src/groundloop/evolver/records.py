@@ -78,8 +78,14 @@ class GenerationRecord:
     plan: GenerationPlan | None = None
     idea_ids: list[str] = field(default_factory=list)
     baseline_run_ids: list[str] = field(default_factory=list)
+    shortfall: int | None = None  # ideas the ideator could write, when fewer than planned
 
     @property
     def planned(self) -> int:
         plan = self.plan or GenerationPlan()
         return plan.fresh + plan.explore + plan.exploit
+
+    @property
+    def expected(self) -> int:
+        """Ideas the generation waits for: the plan, or fewer after an IdeasShortfall."""
+        return self.planned if self.shortfall is None else min(self.planned, self.shortfall)

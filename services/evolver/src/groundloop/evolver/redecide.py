@@ -57,8 +57,11 @@ class Difference:
 
     def describe(self) -> str:
         if self.kind == "changed":
-            parts = [f"{name}: recorded {_short(self.recorded, name)} vs re-decided "
-                     f"{_short(self.redecided, name)}" for name in self.fields]
+            parts = [
+                f"{name}: recorded {_short(self.recorded, name)} vs re-decided "
+                f"{_short(self.redecided, name)}"
+                for name in self.fields
+            ]
             return f"{self.type} {self.event_id} differs: " + "; ".join(parts)
         return f"{self.type} {self.event_id} {'recorded but not re-decided' if self.kind == 'missing' else 're-decided but never recorded'}"
 
@@ -86,8 +89,10 @@ def redecide(recorded: list[Event], deps: Deps) -> RedecideReport:
     environment lookup is used: states start empty and the clock replays the log's times)."""
     search_ids = {e.search_id for e in recorded}
     if len(search_ids) != 1:
-        raise ValueError(f"re-decide takes the events of one search, got {len(search_ids)}: "
-                         f"{sorted(search_ids)[:5]}")
+        raise ValueError(
+            f"re-decide takes the events of one search, got {len(search_ids)}: "
+            f"{sorted(search_ids)[:5]}"
+        )
     (search_id,) = search_ids
     clock = ReplayClock(recorded[0].occurred_at)
     fresh = dataclasses.replace(deps, clock=clock, states={})
@@ -113,8 +118,9 @@ def redecide(recorded: list[Event], deps: Deps) -> RedecideReport:
     for event in recorded:
         if event.producer == PRODUCER:
             decisions.setdefault(event.event_id, event)
-    return RedecideReport(search_id, fed, len(decisions), len(redecided),
-                          compare(decisions, redecided), state)
+    return RedecideReport(
+        search_id, fed, len(decisions), len(redecided), compare(decisions, redecided), state
+    )
 
 
 def compare(recorded: dict[str, Event], redecided: dict[str, Event]) -> list[Difference]:
@@ -123,15 +129,15 @@ def compare(recorded: dict[str, Event], redecided: dict[str, Event]) -> list[Dif
     for event_id, old in recorded.items():
         new = redecided.get(event_id)
         if new is None:
-            out.append(Difference("missing", event_id, old.type, recorded=decision_payload(old)))
+            out.append(Difference("missing", event_id, old.TYPE, recorded=decision_payload(old)))
             continue
         a, b = decision_payload(old), decision_payload(new)
         if a != b:
             fields = tuple(k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k))
-            out.append(Difference("changed", event_id, old.type, fields, a, b))
+            out.append(Difference("changed", event_id, old.TYPE, fields, a, b))
     for event_id, new in redecided.items():
         if event_id not in recorded:
-            out.append(Difference("extra", event_id, new.type, redecided=decision_payload(new)))
+            out.append(Difference("extra", event_id, new.TYPE, redecided=decision_payload(new)))
     return out
 
 

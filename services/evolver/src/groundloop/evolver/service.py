@@ -1,9 +1,10 @@
 """The evolver service: measures the baseline, runs Algorithm 1 (or best-of-N), closes
 generations, enforces budgets and ends each search with a statistical re-evaluation.
 
-Consumes: SearchStarted, GenerationAdvanced, IdeaProposed, PatchReady, PatchFailed,
-RunRequested, RunStarted, RunCompleted, SearchCompleted (all folded into `SearchState`), plus a
-periodic tick for generation deadlines.
+Consumes: SearchStarted, GenerationAdvanced, IdeaProposed, IdeasShortfall, PatchReady,
+PatchFailed, RunRequested, RunStarted, RunCompleted, SearchCompleted, SearchStopped (all folded
+into `SearchState`), plus a periodic tick for generation deadlines. A stopped search is over:
+nothing more is emitted for it.
 Emits: RunRequested (purpose baseline / reeval), GenerationAdvanced (exactly once per
 generation: the bus refuses a second on the per-generation subject), SearchCompleted.
 
@@ -130,7 +131,7 @@ class EvolverLoop:
         async for seq, event in self.bus.raw_events():
             self.deps.state(event.search_id).apply(event)
             self.last_seq, count = max(self.last_seq, seq), count + 1
-        active = sum(1 for s in self.deps.states.values() if s.started and not s.completed)
+        active = sum(1 for s in self.deps.states.values() if s.started and not s.ended)
         log.info(
             "evolver: rebuilt %d searches (%d active) from %d events",
             len(self.deps.states),
@@ -189,13 +190,13 @@ class EvolverLoop:
             if result.refused or result.duplicate:
                 log.info(
                     "evolver: %s %s already in the log (%s)",
-                    out.type,
+                    out.TYPE,
                     out.event_id,
                     "refused" if result.refused else "duplicate",
                 )
                 continue
             log.info(
-                "evolver: published %s %s for search %s", out.type, out.event_id, out.search_id
+                "evolver: published %s %s for search %s", out.TYPE, out.event_id, out.search_id
             )
             self.deps.state(out.search_id).apply(out)
             if result.seq == self.last_seq + 1:  # nothing else landed in between: no gap to read

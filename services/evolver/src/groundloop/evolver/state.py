@@ -1,8 +1,10 @@
 """The evolver's state: a pure, deterministic fold over one search's events.
 
-Consumes (folds) SearchStarted, GenerationAdvanced, IdeaProposed, PatchReady, PatchFailed,
-RunRequested, RunStarted, RunCompleted and SearchCompleted; ignores every other type. Emits
-nothing: `service.decide` reads this state to decide what to emit.
+Consumes (folds) SearchStarted, GenerationAdvanced, IdeaProposed, IdeasShortfall, PatchReady,
+PatchFailed, RunRequested, RunStarted, RunCompleted, SearchCompleted and SearchStopped; ignores
+every other type. Emits nothing: `service.decide` reads this state to decide what to emit.
+An IdeasShortfall lowers its generation's expected idea count to the ideas written; a
+SearchStopped ends the search (first one wins): nothing more is decided for it.
 
     state = SearchState.fold(events)      # rebuild by replay
     state.apply(event)                    # one more event; False if it was already folded
@@ -22,6 +24,7 @@ from groundloop.events import (
     GenerationAdvanced,
     GenerationSummary,
     IdeaProposed,
+    IdeasShortfall,
     PatchFailed,
     PatchReady,
     RunCompleted,
@@ -30,6 +33,7 @@ from groundloop.events import (
     Scored,
     SearchCompleted,
     SearchStarted,
+    SearchStopped,
     Totals,
 )
 
@@ -54,6 +58,7 @@ class SearchState:
     cost_usd: float = 0.0
     final_reason: str | None = None  # why the search stopped, fixed when re-evaluation begins
     completed: SearchCompleted | None = None
+    stopped: SearchStopped | None = None  # the search cannot go on (see SearchStopped)
     applied: set[str] = field(default_factory=set)
 
     # ------------------------------------------------------------------ folding
@@ -103,6 +108,11 @@ class SearchState:
             return  # a second proposal of the same idea id adds nothing
         idea = self._idea(event.idea_id, event.generation)
         idea.mode, idea.title, idea.parent_ids = event.mode, event.title, list(event.parent_ids)
+
+    def _on_ideas_shortfall(self, event: IdeasShortfall) -> None:
+        record = self._generation(event.generation)
+        if record.shortfall is None:  # one per generation; first wins anyway
+            record.shortfall = event.proposed
 
     def _on_patch_ready(self, event: PatchReady) -> None:
         self.cost_usd += event.usage.cost_usd
@@ -172,6 +182,10 @@ class SearchState:
         if self.completed is None:
             self.completed = event
 
+    def _on_search_stopped(self, event: SearchStopped) -> None:
+        if self.stopped is None:
+            self.stopped = event
+
     def _idea(self, idea_id: str, generation: int) -> IdeaRecord:
         """The idea, created on first sight; the log is ordered, but a fold must not crash on
         a PatchReady whose IdeaProposed it never saw (e.g. a fork that copied only part)."""
@@ -194,6 +208,11 @@ class SearchState:
     @property
     def advanced_generations(self) -> list[int]:
         return sorted(g for g, record in self.generations.items() if record.event_id is not None)
+
+    @property
+    def ended(self) -> bool:
+        """Completed or stopped: no decision is made for the search any more."""
+        return self.completed is not None or self.stopped is not None
 
     @property
     def final_started(self) -> bool:
@@ -231,12 +250,13 @@ class SearchState:
         return mean([run.score for run in runs]), mean([run.reward for run in runs])  # type: ignore[misc]
 
     def generation_complete(self, generation: int) -> bool:
-        """Every planned idea of the generation proposed and terminal (PatchFailed or run done)."""
+        """Every expected idea of the generation proposed and terminal (PatchFailed or run
+        done); expected is the plan, or what the ideator wrote after an IdeasShortfall."""
         record = self.generations.get(generation)
         if record is None or record.event_id is None:
             return False
         ideas = [self.ideas[i] for i in record.idea_ids]
-        return len(ideas) >= record.planned and all(idea.terminal for idea in ideas)
+        return len(ideas) >= record.expected and all(idea.terminal for idea in ideas)
 
     def past_ideas(self, before_generation: int) -> list[PastIdea]:
         """Every proposed idea of earlier generations, in proposal order (baseline excluded)."""
@@ -338,10 +358,12 @@ _APPLIERS = {
     SearchStarted: SearchState._on_search_started,
     GenerationAdvanced: SearchState._on_generation_advanced,
     IdeaProposed: SearchState._on_idea_proposed,
+    IdeasShortfall: SearchState._on_ideas_shortfall,
     PatchReady: SearchState._on_patch_ready,
     PatchFailed: SearchState._on_patch_failed,
     RunRequested: SearchState._on_run_requested,
     RunStarted: SearchState._on_run_started,
     RunCompleted: SearchState._on_run_completed,
     SearchCompleted: SearchState._on_search_completed,
+    SearchStopped: SearchState._on_search_stopped,
 }

@@ -12,6 +12,7 @@ import ast
 import io
 import json
 import math
+from collections.abc import Mapping
 
 from groundloop.manifest import Knob, Manifest
 
@@ -83,13 +84,15 @@ def set_constants(source: str, values: dict[str, str], filename: str) -> str:
             # AST columns count UTF-8 bytes; convert to characters within the line.
             return starts[line] + len(lines[line - 1].encode()[:col].decode())
 
+        # Optional in the ast stubs only for hand-built nodes; ast.parse sets both.
+        assert value.end_lineno is not None and value.end_col_offset is not None
         spans.append(
             (
                 offset(value.lineno, value.col_offset),
                 offset(value.end_lineno, value.end_col_offset),
                 values[target.id],
             )
-        )  # type: ignore[arg-type]
+        )
     missing = sorted(set(values) - found)
     if missing:
         raise KnobEditError(
@@ -102,7 +105,7 @@ def set_constants(source: str, values: dict[str, str], filename: str) -> str:
 
 
 def knob_sources(
-    manifest: Manifest, sources: dict[str, str], knobs: dict[str, object]
+    manifest: Manifest, sources: dict[str, str], knobs: Mapping[str, object]
 ) -> dict[str, str]:
     """The editable files after applying `knobs`: path -> new text, for the files they touch."""
     if not knobs:

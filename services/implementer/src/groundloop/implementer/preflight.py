@@ -8,7 +8,8 @@
                read-only filesystem but the workspace, resident memory from the manifest,
                allow-listed environment without keys, no network) with GROUNDLOOP_SMOKE=1,
                and leaves the protected files as they were. `limits` (e.g.
-               require_full_isolation) is passed through.
+               require_full_isolation) is passed through; a passing check's detail
+               names the sandbox it ran in.
 Checks stop at the first failure; each reports its seconds. The report's detail on a failure
 is written for a model to act on (it is shown to the implementer's LLM when it revises).
 """
@@ -154,7 +155,8 @@ def check_smoke(
         name="smoke",
         ok=True,
         seconds=seconds,
-        detail=f"{' '.join(manifest.smoke)} passed in {result.wall_seconds:.1f} s",
+        detail=f"{' '.join(manifest.smoke)} passed in {result.wall_seconds:.1f} s "
+        f"(sandbox: {result.isolation.get('sandbox', 'unknown')})",
     )
 
 

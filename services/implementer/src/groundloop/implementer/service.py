@@ -8,12 +8,20 @@ Consumes IdeaProposed. Three paths, one pre-flight (preflight.py):
   each revising up to R times on an apply or pre-flight error; the first that passes wins.
 Every candidate is applied in memory by the strict applier, normalised (`make_diff`), then
 materialised into a fresh workspace exactly as a runner will (Environment.materialize) and
-pre-flighted there. Emits PatchReady (the normalised diff inline, or an object-store key
+pre-flighted there (candidates.py), in the runners' sandbox: its protections on this host
+are logged at start-up, and with `require_full_isolation` (--require-full-isolation) the
+implementer refuses to start with any gap, and smoke runs refuse to run with one. Emits
+(outcomes.py) PatchReady (the normalised diff inline, or an object-store key
 when over 256 KB; digests, files changed, attempts, usage, the pre-flight report, the
 manifest's resource class, seed = the manifest's first seed, patch_id =
 stable_id(idea_id, "patch")) or PatchFailed (stage, last error, attempts, usage). An idea
-whose search has no SearchStarted in the log yet is retried (SearchNotFound); a model that is
-down is retried after 30 s, and recorded as PatchFailed on the last delivery.
+whose search has no SearchStarted in the log yet is retried (SearchNotFound). The edit format
+is ImplementerSettings.edit_format, or by default the one that suits the model's strength
+(`edit_formats.default_edit_format`: whole files for local or small models). A model that is
+unreachable or not served would fail every idea: the idea gets PatchFailed and the
+search SearchStopped (one per search: a stable event id), and later ideas of that search are
+failed at once without calling the model. A provider error worth retrying is retried after
+30 s, and recorded as PatchFailed on the last delivery.
 
 `role()` declares the service for groundloop.skeleton; `await run(settings, stop)` serves it.
 Run alone:  python -m groundloop.implementer   (GROUNDLOOP_NATS_URL, model keys in the environment)
@@ -24,39 +32,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
-from groundloop.bus import Bus, describe
+from groundloop.bus import Bus
 from groundloop.consumer import Delivery, Retry
 from groundloop.events import (
     Event,
     IdeaProposed,
     ImplementerInfo,
-    ModelPrice,
-    PatchFailed,
-    PatchReady,
-    PreflightReport,
     SearchStarted,
+    SearchStopped,
     Usage,
-    stable_id,
 )
-from groundloop.execution.applier import PatchRejected, apply_to_sources, make_diff
-from groundloop.execution.environment import Environment, Materialized
+from groundloop.execution.applier import make_diff
+from groundloop.execution.bubblewrap import (
+    IsolationUnavailable,
+    host_protections,
+    isolation_gaps,
+    require_full_isolation,
+)
+from groundloop.execution.environment import Environment
+from groundloop.implementer.candidates import INLINE_DIFF_BYTES as INLINE_DIFF_BYTES
+from groundloop.implementer.candidates import PRODUCER as PRODUCER
+from groundloop.implementer.candidates import Candidate as Candidate
+from groundloop.implementer.candidates import ImplementerDeps as ImplementerDeps
+from groundloop.implementer.candidates import check_candidate as check_candidate
+from groundloop.implementer.candidates import environment_sources
 from groundloop.implementer.knob_edit import KnobEditError, knob_sources
-from groundloop.implementer.llm_patch import Verdict, best_failure, build_prompt, implement
-from groundloop.implementer.preflight import failure_detail, run_preflight
-from groundloop.llm.client import ClientCache, LLMClient, LLMError, LLMSettings
+from groundloop.implementer.llm_patch import (
+    best_failure,
+    build_prompt,
+    default_edit_format,
+    implement,
+)
+from groundloop.implementer.outcomes import STOPS_SEARCH as STOPS_SEARCH
+from groundloop.implementer.outcomes import model_failed, patch_failed, patch_ready
+from groundloop.implementer.outcomes import search_stopped as search_stopped
+from groundloop.llm.client import ClientCache, LLMError, LLMSettings
 from groundloop.llm.pricing import add_usage
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
 log = logging.getLogger(__name__)
-PRODUCER = "implementer"
-INLINE_DIFF_BYTES = 256 * 1024  # larger diffs go to the object store (events stay small)
 
 
 class SearchNotFound(Retry):
@@ -64,153 +83,6 @@ class SearchNotFound(Retry):
 
     def __init__(self, search_id: str):
         super().__init__(f"search {search_id} has no SearchStarted in the log", delay=2.0)
-
-
-@dataclass
-class ImplementerDeps:
-    search: Callable[[str], SearchStarted | None]  # search id -> its SearchStarted
-    environment: Callable[[str], Environment]  # name -> Environment
-    llm: Callable[[str, dict[str, ModelPrice] | None], LLMClient]  # model spec, prices -> client
-    work_dir: Path  # scratch space for workspaces (emptied after each check)
-    cache_dir: Path  # GROUNDLOOP_CACHE_DIR root; one folder per environment
-    put_artifact: Callable[[str, bytes], str] | None = None  # for diffs over the inline limit
-    producer: str = PRODUCER
-    inline_limit: int = INLINE_DIFF_BYTES
-
-
-@dataclass(frozen=True)
-class Candidate:
-    diff: str
-    made: Materialized
-    report: PreflightReport
-
-
-def _sources(env: Environment) -> dict[str, str]:
-    """Every text file of the environment, so the applier can name protected files as such."""
-    out = {}
-    for rel in env.files():
-        try:
-            out[rel] = (env.root / rel).read_text()
-        except (UnicodeDecodeError, OSError):
-            continue
-    return out
-
-
-def check_candidate(
-    env: Environment, diff: str, sources: dict[str, str], deps: ImplementerDeps, seed: int
-) -> Verdict:
-    """Strict apply, normalise, materialise as a runner would, pre-flight. Never raises for a
-    bad diff: the Verdict says what failed, in words a model can act on."""
-    m = env.manifest
-    try:
-        changed = (
-            apply_to_sources(
-                sources,
-                diff,
-                editable=m.editable,
-                new_files=m.new_files,
-                protected=env.protected_files,
-            )
-            if diff
-            else {}
-        )
-    except PatchRejected as exc:
-        return Verdict(False, "apply", exc.reason)
-    normal = make_diff(
-        {p: sources[p] for p in changed if p in sources},
-        {p: t for p, t in changed.items() if t is not None},
-    )
-    deps.work_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="patch-", dir=deps.work_dir))
-    try:
-        try:
-            made = env.materialize(scratch / "workspace", normal)
-        except PatchRejected as exc:
-            return Verdict(False, "apply", exc.reason)
-        report = run_preflight(
-            env,
-            made.path,
-            made.files_changed,
-            scratch=scratch / "run",
-            cache_dir=deps.cache_dir / env.name,
-            seed=seed,
-        )
-        if not report.passed:
-            return Verdict(
-                False, "preflight", failure_detail(report), Candidate(normal, made, report)
-            )
-        return Verdict(True, result=Candidate(normal, made, report))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _failed(
-    event: IdeaProposed,
-    deps: ImplementerDeps,
-    stage: str,
-    error: str,
-    attempts: int,
-    usage: Usage | None = None,
-) -> PatchFailed:
-    log.warning(
-        "%s: patch failed at %s after %d attempt(s): %s",
-        describe(event),
-        stage,
-        attempts,
-        error.splitlines()[0][:300] if error else "",
-    )
-    return event.derive(
-        PatchFailed,
-        deps.producer,
-        idea_id=event.idea_id,
-        generation=event.generation,
-        attempts=attempts,
-        stage=stage,
-        last_error=error[-8000:],
-        usage=usage or Usage(),
-    )
-
-
-def _ready(
-    event: IdeaProposed,
-    deps: ImplementerDeps,
-    env: Environment,
-    candidate: Candidate,
-    attempts: int,
-    implementer: ImplementerInfo,
-    usage: Usage,
-) -> PatchReady:
-    patch_id = stable_id(event.idea_id, "patch")
-    diff: str | None = candidate.diff
-    diff_key = None
-    if len(candidate.diff.encode()) > deps.inline_limit:
-        if deps.put_artifact is None:
-            raise RuntimeError("a diff over the inline limit needs an object store (put_artifact)")
-        diff_key = deps.put_artifact(
-            f"diffs/{event.search_id}/{patch_id}.diff", candidate.diff.encode()
-        )
-        diff = None
-    m = env.manifest
-    return event.derive(
-        PatchReady,
-        deps.producer,
-        patch_id=patch_id,
-        idea_id=event.idea_id,
-        generation=event.generation,
-        environment=env.name,
-        environment_digest=env.digest(),
-        resource_class=m.resource_class,
-        diff=diff,
-        diff_key=diff_key,
-        diff_digest=candidate.made.diff_digest,
-        patched_digest=candidate.made.patched_digest,
-        files_changed=candidate.made.files_changed,
-        attempts=attempts,
-        implementer=implementer,
-        usage=usage,
-        preflight=candidate.report,
-        seed=m.seeds[0] if m.seeds else 0,
-    )
 
 
 def handle(event: Event, deps: ImplementerDeps) -> list[Event]:
@@ -222,7 +94,7 @@ def handle(event: Event, deps: ImplementerDeps) -> list[Event]:
     env = deps.environment(started.environment)
     if env.digest() != started.environment_digest:
         return [
-            _failed(
+            patch_failed(
                 event,
                 deps,
                 "rejected",
@@ -233,13 +105,15 @@ def handle(event: Event, deps: ImplementerDeps) -> list[Event]:
             )
         ]
     seed = env.manifest.seeds[0] if env.manifest.seeds else 0
-    sources = _sources(env)
+    sources = environment_sources(env)
 
-    def deterministic(diff: str, kind: str) -> list[Event]:
+    def deterministic(diff: str, kind: Literal["none", "knobs"]) -> list[Event]:
         verdict = check_candidate(env, diff, sources, deps, seed)
         if not verdict.passed:
-            return [_failed(event, deps, verdict.stage or "apply", verdict.error, 1)]
-        return [_ready(event, deps, env, verdict.result, 1, ImplementerInfo(kind=kind), Usage())]  # type: ignore[arg-type]
+            return [patch_failed(event, deps, verdict.stage or "apply", verdict.error, 1)]
+        assert isinstance(verdict.result, Candidate)  # a passing check carries its candidate
+        info = ImplementerInfo(kind=kind)
+        return [patch_ready(event, deps, env, verdict.result, 1, info, Usage())]
 
     if event.mode == "baseline":
         return deterministic("", "none")
@@ -247,7 +121,7 @@ def handle(event: Event, deps: ImplementerDeps) -> list[Event]:
         try:
             after = knob_sources(env.manifest, env.editable_sources(), event.knobs)
         except KnobEditError as exc:
-            return [_failed(event, deps, "rejected", str(exc), 0)]
+            return [patch_failed(event, deps, "rejected", str(exc), 0)]
         return deterministic(make_diff({p: sources[p] for p in after}, after), "knobs")
     return _implement_with_model(event, deps, env, started, sources, seed)
 
@@ -263,7 +137,7 @@ def _implement_with_model(
     settings = started.implementer
     if settings.kind != "llm" or not settings.model:
         return [
-            _failed(
+            patch_failed(
                 event,
                 deps,
                 "model",
@@ -278,8 +152,9 @@ def _implement_with_model(
     except LLMError as exc:
         if exc.retryable:
             raise
-        return [_failed(event, deps, "model", str(exc), 0)]  # a missing key, a malformed model name
-    prompt = build_prompt(env, event.title, event.text)
+        return model_failed(event, deps, exc)  # a missing key, a malformed model name
+    fmt = settings.edit_format or default_edit_format(settings.model)
+    prompt = build_prompt(env, event.title, event.text, fmt)
     winner, results = implement(
         client,
         prompt,
@@ -287,18 +162,22 @@ def _implement_with_model(
         lambda diff: check_candidate(env, diff, sources, deps, seed),
         samples=settings.samples,
         revisions=settings.revisions,
+        edit_format=fmt,
     )
     usage = add_usage(*(r.usage for r in results))
     attempts = sum(r.attempts for r in results)
     if winner is not None:
         info = ImplementerInfo(kind="llm", model=client.spec.label)
-        return [_ready(event, deps, env, winner.verdict.result, attempts, info, usage)]  # type: ignore[union-attr, arg-type]
+        return [patch_ready(event, deps, env, winner.verdict.result, attempts, info, usage)]  # type: ignore[union-attr, arg-type]
     if attempts == 0:  # no answer at all: the provider is down or refuses us
         errors = [r.model_error for r in results if r.model_error is not None]
         if errors and all(e.retryable for e in errors):
             raise errors[-1]  # run() hands the idea back for a later try
+        stopping = [e for e in errors if isinstance(e, STOPS_SEARCH)]
+        if stopping:
+            return model_failed(event, deps, stopping[-1])
     stage, error = best_failure(results)
-    return [_failed(event, deps, stage, error, attempts, usage)]
+    return [patch_failed(event, deps, stage, error, attempts, usage)]
 
 
 # ---------------------------------------------------------------------------- the service
@@ -306,14 +185,22 @@ def _implement_with_model(
 
 class ImplementerContext:
     """What one implementer process keeps between events: the searches' SearchStarted
-    (read once from the log), the model clients and the scratch folder."""
+    (read once from the log), the model clients, the scratch folder, and whether pre-flight
+    smoke runs must be fully isolated."""
 
     def __init__(
-        self, settings: Settings, bus: Bus, llm_settings: LLMSettings | None, work_dir: Path | None
+        self,
+        settings: Settings,
+        bus: Bus,
+        llm_settings: LLMSettings | None,
+        work_dir: Path | None,
+        require_full_isolation: bool = False,
     ):
         self.settings, self.bus = settings, bus
+        self.require_full_isolation = require_full_isolation
         self.loop = asyncio.get_running_loop()
         self.searches: dict[str, SearchStarted] = {}
+        self.stopped: dict[str, str] = {}  # search id -> why this process stopped it
         self.clients = ClientCache(llm_settings)
         self.work_dir = work_dir or settings.data_dir / "implementer"
 
@@ -337,6 +224,7 @@ async def on_idea(event: Event, delivery: Delivery, ctx: ImplementerContext) -> 
     if not isinstance(event, IdeaProposed):
         return []
     started = await ctx.find_search(event.search_id)
+    stopped = ctx.stopped.get(event.search_id)
     deps = ImplementerDeps(
         search=lambda _sid: started,
         environment=ctx.environment,
@@ -344,14 +232,38 @@ async def on_idea(event: Event, delivery: Delivery, ctx: ImplementerContext) -> 
         work_dir=ctx.work_dir,
         cache_dir=ctx.settings.data_dir / "cache",
         put_artifact=ctx.put_artifact,
+        require_full_isolation=ctx.require_full_isolation,
     )
+    if stopped is not None:  # the same model would fail this idea too: say so, call nothing
+        return [patch_failed(event, deps, "model", f"the search was stopped: {stopped}", 0)]
     try:
         async with delivery.heartbeat():
-            return await asyncio.to_thread(handle, event, deps)
+            out = await asyncio.to_thread(handle, event, deps)
     except LLMError as exc:
         if delivery.last_attempt or not exc.retryable:
-            return [_failed(event, deps, "model", str(exc), 0)]
-        raise Retry(str(exc), delay=30.0) from None
+            out = model_failed(event, deps, exc)
+        else:
+            raise Retry(str(exc), delay=30.0) from None
+    for stop in (e for e in out if isinstance(e, SearchStopped)):
+        ctx.stopped[event.search_id] = stop.reason
+    return out
+
+
+def check_isolation(protections: dict[str, str], required: bool) -> None:
+    """Log the sandbox `protections` pre-flight smoke runs get on this host (host_protections);
+    SystemExit naming every gap when full isolation is `required` and the host falls short."""
+    log.info("sandbox protections for pre-flight smoke runs: %s", protections)
+    if gaps := isolation_gaps(protections):
+        log.warning(
+            "pre-flight smoke runs are NOT fully isolated on this host "
+            "(--require-full-isolation would refuse to start): %s",
+            "; ".join(gaps),
+        )
+    if required:
+        try:
+            require_full_isolation()
+        except IsolationUnavailable as exc:
+            raise SystemExit(f"implementer refuses to start: {exc}") from exc
 
 
 def role(
@@ -359,12 +271,19 @@ def role(
     llm_settings: LLMSettings | None = None,
     concurrency: int = 2,
     work_dir: Path | None = None,
+    require_full_isolation: bool = False,
 ) -> Role[ImplementerContext]:
+    """The implementer on the bus. Pre-flight smoke runs use the runners' sandbox: its
+    protections on this host are logged at start-up (a WARNING names every gap), and with
+    `require_full_isolation` the implementer refuses to start (SystemExit) with any gap."""
+
     @contextlib.asynccontextmanager
     async def context(
         settings: Settings, bus: Bus, _stop: asyncio.Event
     ) -> AsyncIterator[ImplementerContext]:
-        yield ImplementerContext(settings, bus, llm_settings, work_dir)
+        protections = await asyncio.to_thread(host_protections)  # probes bwrap: seconds
+        check_isolation(protections, require_full_isolation)
+        yield ImplementerContext(settings, bus, llm_settings, work_dir, require_full_isolation)
 
     return Role(
         name=PRODUCER,
@@ -382,6 +301,12 @@ async def run(
     llm_settings: LLMSettings | None = None,
     concurrency: int = 2,
     work_dir: Path | None = None,
+    require_full_isolation: bool = False,
 ) -> None:
-    role_ = role(llm_settings=llm_settings, concurrency=concurrency, work_dir=work_dir)
+    role_ = role(
+        llm_settings=llm_settings,
+        concurrency=concurrency,
+        work_dir=work_dir,
+        require_full_isolation=require_full_isolation,
+    )
     await run_role(role_, settings, stop or asyncio.Event())

@@ -1,4 +1,5 @@
-"""`python -m groundloop.runner [--slots N | --gpus 0,1,2,3 --gpus-per-run 1] [--resource-class cpu]`
+"""`python -m groundloop.runner [--slots N | --gpus 0,1,2,3 --gpus-per-run 1] [--resource-class cpu]
+[--require-full-isolation] [--run-uid-base UID]`
 
 Settings: GROUNDLOOP_* (broker, data dir; groundloop.settings) and GROUNDLOOP_RUNNER_* or the
 flags below (groundloop.runner.slots.RunnerSettings). SIGTERM/SIGINT: stop fetching, finish or
@@ -22,6 +23,7 @@ FLAGS = (
     "image",
     "shutdown-grace-s",
     "runner-id",
+    "run-uid-base",
 )
 
 
@@ -31,6 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name in FLAGS:
         parser.add_argument(f"--{name}")
+    parser.add_argument(
+        "--require-full-isolation",
+        action="store_true",
+        default=None,
+        help="refuse to start unless every sandbox protection is in force on this host",
+    )
     flags = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     runner = RunnerSettings(**flags)  # a bad flag fails here, before anything connects
     serve("runner", lambda settings: role(settings, runner))

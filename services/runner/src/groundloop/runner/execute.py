@@ -27,9 +27,10 @@ from groundloop.execution.environment import (
     provenance,
 )
 from groundloop.execution.sandbox import Limits, cancel_on
+from groundloop.manifest import Resources
 from groundloop.runner.logs import LogStreamer, log_key
 from groundloop.runner.runs import PRODUCER, RunnerDeps, RunSpec, completed
-from groundloop.runner.slots import Slot
+from groundloop.runner.slots import RunnerSettings, Slot, run_uid
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ async def run_one(
             devices=list(slot.devices),
             seed=spec.seed,
             attempt=delivery.attempt,
+            isolation=deps.protections.get(slot.index, {}),
         )
         await deps.publish(started)
         log.info(
@@ -133,15 +135,7 @@ async def _execute(
     None when the run was stopped to be handed back."""
     cancel = threading.Event()
     resources = env.manifest.resources
-    memory = None
-    if not slot.devices and deps.runner.address_space_factor:
-        memory = int(resources.memory_gb * deps.runner.address_space_factor * 1024**3)
-    limits = Limits(
-        memory_bytes=memory,
-        max_processes=deps.runner.max_processes,
-        file_size_bytes=deps.runner.file_size_bytes,
-        open_files=deps.runner.open_files,
-    )
+    limits = run_limits(deps.runner, slot, resources)
     extra = {
         "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
         "OMP_NUM_THREADS": str(resources.cpus),
@@ -183,6 +177,25 @@ async def _execute(
             await task
             return None
     return task.result()
+
+
+def run_limits(runner: RunnerSettings, slot: Slot, resources: Resources) -> Limits:
+    """The sandbox limits of a run in `slot`: resident memory (the memory cgroup) at the
+    manifest's memory_gb for every slot; RLIMIT_AS only on CPU slots (CUDA reserves address
+    space by the terabyte); the slot's run uid; full isolation when the runner requires it."""
+    address_space = None
+    if not slot.devices and runner.address_space_factor:
+        address_space = int(resources.memory_gb * runner.address_space_factor * 1024**3)
+    return Limits(
+        memory_bytes=address_space,
+        max_processes=runner.max_processes,
+        file_size_bytes=runner.file_size_bytes,
+        open_files=runner.open_files,
+        resident_memory_bytes=int(resources.memory_gb * 1024**3),
+        isolate=True,
+        run_uid=run_uid(runner, slot),
+        require_full_isolation=runner.require_full_isolation,
+    )
 
 
 def _split(env: Environment, spec: RunSpec) -> str:

@@ -82,6 +82,9 @@ class RunnerDeps:
     )  # name -> (env, digest)
     # One thread per slot for the blocking sandbox (asyncio's default pool has only cpus+4).
     executor: ThreadPoolExecutor | None = None
+    # Slot index -> the protections its runs get on this host (name -> how, or "off: why"),
+    # probed at start-up and recorded in every RunStarted.
+    protections: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
 def completed(event: Event, spec: RunSpec, status: str, **fields: object) -> RunCompleted:

@@ -8,7 +8,9 @@ rejected and never runs), protected digests verified, `groundloop.execution.envi
 in the sandbox with the manifest's budget, the log streamed to the object store, heartbeats
 while it runs (execute.py). SIGTERM: stop fetching; a run that ends within `shutdown_grace_s`
 finishes, any other is stopped and handed back (Retry) for another replica. After the last
-allowed delivery, `on_exhausted` records the run as failed.
+allowed delivery, `on_exhausted` records the run as failed. At start-up the sandbox
+protections each slot's runs get on this host are logged (a WARNING names every gap) and
+recorded in every RunStarted; `require_full_isolation` refuses to start with any gap.
 
 `role(settings, runner)` declares the service for groundloop.skeleton;
 `await run(settings, runner, stop)` serves it.
@@ -28,12 +30,18 @@ from nats.js.errors import ObjectNotFoundError
 from groundloop.bus import Bus
 from groundloop.consumer import Delivery, Retry
 from groundloop.events import Event, PatchReady, RunRequested
+from groundloop.execution.bubblewrap import (
+    IsolationUnavailable,
+    host_protections,
+    isolation_gaps,
+    require_full_isolation,
+)
 from groundloop.execution.environment import Environment
 from groundloop.execution.sandbox import sweep_orphaned_runs
 from groundloop.manifest import ManifestError
 from groundloop.runner.execute import run_one
 from groundloop.runner.runs import PRODUCER, RunnerDeps, RunSpec, completed, run_spec
-from groundloop.runner.slots import RunnerSettings, SlotPool, plan_slots
+from groundloop.runner.slots import RunnerSettings, Slot, SlotPool, plan_slots, run_uid
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -48,6 +56,7 @@ __all__ = [
     "role",
     "run",
     "run_spec",
+    "slot_protections",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,6 +121,29 @@ def exhausted_handler(max_deliver: int) -> Callable[[Event, str], Awaitable[list
     return on_exhausted
 
 
+def slot_protections(runner: RunnerSettings, slots: list[Slot]) -> dict[int, dict[str, str]]:
+    """The protections each slot's runs get on this host (probed once per run uid), logged;
+    with `require_full_isolation`, SystemExit naming every gap unless all are in force."""
+    by_uid: dict[int, dict[str, str]] = {}
+    for uid in sorted({run_uid(runner, slot) for slot in slots}):
+        if runner.require_full_isolation:
+            try:
+                by_uid[uid] = require_full_isolation(uid)
+            except IsolationUnavailable as exc:
+                raise SystemExit(f"runner {runner.runner_id} refuses to start: {exc}") from exc
+        else:
+            by_uid[uid] = host_protections(uid)
+        log.info("sandbox protections for runs as uid %d: %s", uid, by_uid[uid])
+        if gaps := isolation_gaps(by_uid[uid]):
+            log.warning(
+                "runs as uid %d are NOT fully isolated on this host (recorded in every "
+                "RunStarted; --require-full-isolation would refuse to start): %s",
+                uid,
+                "; ".join(gaps),
+            )
+    return {slot.index: by_uid[run_uid(runner, slot)] for slot in slots}
+
+
 def consumer_name(resource_class: str) -> str:
     return f"runner-{resource_class}"
 
@@ -130,6 +162,7 @@ def role(settings: Settings, runner: RunnerSettings) -> Role[RunnerDeps]:
     async def context(
         settings: Settings, bus: Bus, stop: asyncio.Event
     ) -> AsyncIterator[RunnerDeps]:
+        protections = await asyncio.to_thread(slot_protections, runner, slots)
         swept = await asyncio.to_thread(sweep_orphaned_runs)
         if swept:
             log.warning("killed the leftovers of %d run(s) of a runner that died", swept)
@@ -152,6 +185,7 @@ def role(settings: Settings, runner: RunnerSettings) -> Role[RunnerDeps]:
                 bus.get_artifact,
                 shutdown=stop,
                 executor=executor,
+                protections=protections,
             )
         finally:
             executor.shutdown(wait=False)

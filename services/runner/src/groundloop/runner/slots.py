@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from groundloop.events import ResourceClass
+from groundloop.execution.bubblewrap import DEFAULT_RUN_UID
 
 
 def _default_runner_id() -> str:
@@ -49,6 +50,12 @@ class RunnerSettings(BaseSettings):
     # stacks, allocator arenas); never set for GPU runs, whose drivers reserve huge ranges.
     address_space_factor: float | None = 3.0
     keep_workspaces: bool = False
+    # Refuse to start unless every sandbox protection is in force on this host (bwrap, an
+    # unprivileged run uid, namespaces, the memory cgroup); the production manifests set it.
+    require_full_isolation: bool = False
+    # A root runner's runs get uid run_uid_base + slot index (one uid per slot, so runs of
+    # different slots cannot touch each other's files); None: every slot runs as 65534.
+    run_uid_base: int | None = Field(default=None, ge=0)
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -82,6 +89,11 @@ class Slot:
     @property
     def cuda_visible_devices(self) -> str:
         return ",".join(self.devices)  # "" hides every GPU from a CPU run
+
+
+def run_uid(runner: RunnerSettings, slot: Slot) -> int:
+    """The uid runs in `slot` get (when the runner is root; bubblewrap module)."""
+    return DEFAULT_RUN_UID if runner.run_uid_base is None else runner.run_uid_base + slot.index
 
 
 def plan_slots(runner: RunnerSettings) -> list[Slot]:

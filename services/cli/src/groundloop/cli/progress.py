@@ -1,0 +1,151 @@
+"""What `groundloop search` shows while it runs, read from the projections: a live table on a
+terminal, a line at most every five seconds otherwise; and the run logs copied into the report
+folder once the search has ended."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from groundloop.api.store import IdeaRow, PatchRow, RunRow, SearchRow, create_tables, make_engine
+from groundloop.bus import Bus
+from groundloop.settings import Settings
+
+console = Console()
+
+
+def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], SearchRow | None]:
+    """The rows of the progress display (label, value) and the search's row, if projected yet."""
+    search = session.get(SearchRow, search_id)
+    ideas = session.exec(
+        select(func.count()).select_from(IdeaRow).where(IdeaRow.search_id == search_id)
+    ).one()
+    patched = session.exec(
+        select(func.count()).select_from(PatchRow).where(PatchRow.search_id == search_id)
+    ).one()
+    runs = session.exec(select(RunRow).where(RunRow.search_id == search_id)).all()
+    cost = (
+        session.exec(
+            select(func.sum(IdeaRow.cost_usd + IdeaRow.patch_failed_cost_usd)).where(
+                IdeaRow.search_id == search_id
+            )
+        ).one()
+        or 0.0
+    )
+    cost += (
+        session.exec(
+            select(func.sum(PatchRow.cost_usd)).where(PatchRow.search_id == search_id)
+        ).one()
+        or 0.0
+    )
+    tokens = sum(
+        session.exec(
+            select(func.sum(table.input_tokens + table.output_tokens)).where(
+                table.search_id == search_id
+            )
+        ).one()
+        or 0
+        for table in (IdeaRow, PatchRow)
+    )
+    best = session.exec(
+        select(IdeaRow)
+        .where(IdeaRow.search_id == search_id, col(IdeaRow.best_reward).is_not(None))
+        .order_by(col(IdeaRow.best_reward).desc())
+    ).first()
+    done = [r for r in runs if r.completed_at is not None]
+    baseline = [r.score for r in done if r.purpose == "baseline" and r.score is not None]
+    generation = (
+        search.current_generation if search and search.current_generation is not None else None
+    )
+    return [
+        ("search", search_id),
+        ("generation", "baseline" if generation is None else str(generation)),
+        ("ideas / patched", f"{ideas} / {patched}"),
+        ("runs done / in flight", f"{len(done)} / {sum(1 for r in runs if r.status == 'running')}"),
+        ("baseline", ", ".join(f"{s:.4g}" for s in baseline) or "measuring"),
+        (
+            "best so far",
+            f"{best.best_score:.4g} ({(best.title or '')[:60]})"
+            if best and best.best_score is not None
+            else "-",
+        ),
+        ("model tokens / cost", f"{tokens:,} / ${cost:.4f}"),
+    ], search
+
+
+async def watch(
+    settings: Settings, search_id: str, stop: asyncio.Event, tasks: list[asyncio.Task]
+) -> SearchRow | None:
+    """Show progress until the search completes or stops (its row), `stop` is set or a
+    service dies."""
+    engine = make_engine(settings.resolved_db_url())
+    create_tables(engine)
+    interactive = sys.stdout.isatty()
+    last_line, last_print = "", 0.0
+    with (
+        Live(console=console, refresh_per_second=2, transient=False)
+        if interactive
+        else contextlib.nullcontext() as live
+    ):
+        while not stop.is_set():
+            for task in tasks:
+                if task.done():
+                    exc = task.exception()
+                    raise RuntimeError(f"a service stopped unexpectedly: {exc!r}") from exc
+            with Session(engine) as session:
+                pairs, search = progress(session, search_id)
+            if live is not None:
+                table = Table(show_header=False, box=None)
+                for label, value in pairs:
+                    table.add_row(label, value)
+                live.update(table)
+            else:
+                line = " | ".join(f"{label}: {value}" for label, value in pairs)
+                if line != last_line and time.monotonic() - last_print > 5:
+                    print(line, flush=True)
+                    last_line, last_print = line, time.monotonic()
+            if search is not None and search.status in ("completed", "stopped"):
+                engine.dispose()
+                return search
+            await asyncio.sleep(0.5)
+    engine.dispose()
+    return None
+
+
+async def fetch_logs(settings: Settings, search_id: str, out_dir: Path, top: int = 5) -> None:
+    """Copy the logs of the first baseline run and the `top` best other runs into
+    out_dir/logs; a log that cannot be read is left out rather than failing the report."""
+    from groundloop.runner.logs import read_log
+
+    engine = make_engine(settings.resolved_db_url())
+    with Session(engine) as session:
+        runs = session.exec(
+            select(RunRow)
+            .where(RunRow.search_id == search_id, col(RunRow.log_key).is_not(None))
+            .order_by(col(RunRow.reward).desc())
+        ).all()
+    engine.dispose()
+    wanted = [r for r in runs if r.purpose == "baseline"][:1] + [
+        r for r in runs if r.purpose != "baseline"
+    ][:top]
+    bus = await Bus.connect(settings, "cli-report")
+    try:
+        (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+        for run in wanted:
+            if run.log_key is None:  # the query excludes these; narrows the type
+                continue
+            with contextlib.suppress(Exception):
+                (out_dir / "logs" / f"{run.run_id}.log").write_bytes(
+                    await read_log(bus.get_artifact, run.log_key)
+                )
+    finally:
+        await bus.close()

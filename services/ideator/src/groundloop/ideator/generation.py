@@ -1,0 +1,64 @@
+"""What proposing one generation's ideas takes and yields, shared by the ideator's proposers
+(knobs in `service`, language models in `llm_proposer`): `IdeatorDeps`, `Generated`, the
+plan's slots in order, and the IdeaProposed for one slot (stable idea and event ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from groundloop.events import GenerationAdvanced, IdeaProposed, ModelPrice, stable_id
+from groundloop.execution.environment import Environment
+from groundloop.ideator.history import SearchHistory
+from groundloop.llm.client import LLMClient
+
+PRODUCER = "ideator"
+
+
+@dataclass
+class IdeatorDeps:
+    history: SearchHistory
+    environment: Callable[[str], Environment]  # name -> Environment
+    llm: Callable[[str, dict[str, ModelPrice] | None], LLMClient]  # model spec, prices -> client
+    producer: str = PRODUCER
+    duplicate_threshold: float = 0.9  # dropping a distinct idea costs more than keeping a near one
+    extra_calls: int = 2  # calls beyond ceil(count / ideas_per_call) to make up for drops
+    structured: bool = True  # ask for JSON (response_format); parsing accepts any shape anyway
+
+
+@dataclass
+class Generated:
+    events: list[IdeaProposed] = field(default_factory=list)
+    dropped: int = 0  # duplicates (and knob slots with no untried setting)
+    calls: int = 0
+    unfilled: int = 0  # planned slots left without an idea
+    rejected: int = 0  # idea-shaped texts that echoed the prompt's template
+    empty_calls: int = 0  # calls that gave no parsable idea
+
+
+def plan_slots(event: GenerationAdvanced) -> list[tuple[str, int, int, list[str]]]:
+    """(mode, first slot, count, context ids) in the plan's order."""
+    plan, out, start = event.plan, [], 0
+    for mode, count, context in (
+        ("fresh", plan.fresh, []),
+        ("explore", plan.explore, plan.explore_context_ids),
+        ("exploit", plan.exploit, plan.exploit_context_ids),
+    ):
+        out.append((mode, start, count, list(context)))
+        start += count
+    return out
+
+
+def idea_event(
+    cause: GenerationAdvanced, deps: IdeatorDeps, slot: int, mode: str, **fields
+) -> IdeaProposed:
+    return cause.derive(
+        IdeaProposed,
+        deps.producer,
+        slot,
+        idea_id=stable_id(cause.search_id, cause.generation, slot),
+        generation=cause.generation,
+        mode=mode,
+        **fields,
+    )

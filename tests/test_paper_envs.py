@@ -27,7 +27,18 @@ from tests.paths import ENVIRONMENTS
 
 NANOGPT, GRPO_MATH = ENVIRONMENTS / "nanogpt", ENVIRONMENTS / "grpo-math"
 # Module names the environments share (each has its own data.py, harness.py, ...).
-ENV_MODULES = ("data", "harness", "evaluate", "train", "grader", "prepare_data", "budget_guard")
+ENV_MODULES = (
+    "data",
+    "harness",
+    "evaluate",
+    "model_worker",
+    "train",
+    "loss",
+    "sampler",
+    "grader",
+    "prepare_data",
+    "budget_guard",
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -101,8 +112,9 @@ def test_manifests_load_with_the_papers_settings():
         grpo.manifest.metric.reward,
     ) == ("accuracy", "maximize", "x")
     assert grpo.manifest.budget.wall_seconds == 3600
+    assert nanogpt.manifest.editable == ["train.py"]
+    assert grpo.manifest.editable == ["train.py", "loss.py", "sampler.py"]
     for env in (nanogpt, grpo):
-        assert env.manifest.editable == ["train.py"]
         assert {"evaluate.py", "data.py", "harness.py"} <= set(env.protected_files)
         assert env.manifest.metric.final_split == "test"
         prompt = env.describe_for_prompt()
@@ -252,21 +264,21 @@ def test_grpo_math_smoke_runs_through_the_protocol(tmp_path):
 def test_grpo_pieces_advantages_clipping_and_a_real_update_changes_the_policy(monkeypatch):
     monkeypatch.setenv("GROUNDLOOP_SMOKE", "1")
     with environment_modules(GRPO_MATH) as load:
-        train, data = load("train"), load("data")
+        pieces, data = load("loss"), load("data")  # the GRPO pieces live in loss.py
         rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
-        advantages = train.group_normalized_advantages(rewards, group_size=4)
+        advantages = pieces.group_normalized_advantages(rewards, group_size=4)
         assert advantages[:4].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-4)
         assert advantages[4:].tolist() == [0.0] * 4  # an all-correct group teaches nothing
 
         mask = torch.ones(2, 3)
         old = torch.zeros(2, 3)
         new = torch.full((2, 3), math.log(2.0))  # ratio 2: clipped at 1 + CLIP_RANGE for A > 0
-        loss, stats = train.policy_loss(new, old, torch.tensor([1.0, -1.0]), mask)
-        assert loss.item() == pytest.approx(-(1 + train.CLIP_RANGE) * 0.5 + 2.0 * 0.5)
+        loss, stats = pieces.policy_loss(new, old, torch.tensor([1.0, -1.0]), mask)
+        assert loss.item() == pytest.approx(-(1 + pieces.CLIP_RANGE) * 0.5 + 2.0 * 0.5)
         assert stats["clip_fraction"] == pytest.approx(0.5)
 
         tokenizer = data.ByteTokenizer()
-        batch = train.tokenize_rollouts(tokenizer, ["ab", "abc"], ["xy", "z"])
+        batch = pieces.tokenize_rollouts(tokenizer, ["ab", "abc"], ["xy", "z"])
         # The response mask marks exactly the positions whose *target* is a response token.
         targets = batch["input_ids"][:, 1:]
         picked = [
@@ -278,8 +290,8 @@ def test_grpo_pieces_advantages_clipping_and_a_real_update_changes_the_policy(mo
         policy = data.load_base_model(torch.device("cpu"), torch.float32)
         before = [p.detach().clone() for p in policy.parameters()]
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-        log_probs = train.token_log_probs(policy, batch["input_ids"], batch["attention_mask"])
-        loss, _ = train.policy_loss(
+        log_probs = pieces.token_log_probs(policy, batch["input_ids"], batch["attention_mask"])
+        loss, _ = pieces.policy_loss(
             log_probs, log_probs.detach(), torch.tensor([1.0, -1.0]), batch["response_mask"]
         )
         loss.backward()

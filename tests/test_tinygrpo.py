@@ -31,8 +31,8 @@ ENV = Environment.load("tinygrpo", REPO_ROOT / "environments")
 def run(tmp: Path, cache: Path, knobs: dict | None = None, seed: int = 0, smoke: bool = True):
     diff = None
     if knobs:
-        sources = ENV.editable_sources()
-        diff = make_diff(sources, knob_sources(ENV.manifest, sources, knobs))
+        after = knob_sources(ENV.manifest, ENV.editable_sources(), knobs)
+        diff = make_diff({rel: (ENV.root / rel).read_text() for rel in after}, after)
     made = ENV.materialize(tmp / "ws", diff)
     return execute(ENV, made.path, seed=seed, run_dir=tmp / "run", cache_dir=cache, smoke=smoke)
 
@@ -149,14 +149,15 @@ def test_splits_are_disjoint_and_training_never_sees_evaluation_problems(env_mod
     assert task.reward((45, 123), task.encode("861")) == 0.0, "the end mark is part of the answer"
 
 
-def test_every_knob_is_a_train_constant_with_its_default():
-    tree = ast.parse((ENV.root / "train.py").read_text())
-    constants = {
-        node.targets[0].id: ast.literal_eval(node.value)
-        for node in tree.body
-        if isinstance(node, ast.Assign)
-        and isinstance(node.targets[0], ast.Name)
-        and node.targets[0].id.isupper()
-    }
+def test_every_knob_is_a_constant_of_its_file_with_its_default():
     for knob in ENV.manifest.knobs:
+        assert knob.file in ENV.manifest.editable, knob.name
+        tree = ast.parse((ENV.root / knob.file).read_text())
+        constants = {
+            node.targets[0].id: ast.literal_eval(node.value)
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id.isupper()
+        }
         assert constants[knob.name] == knob.default, knob.name

@@ -9,7 +9,8 @@ protected evaluation scores.
 Splits: `val` (what a search selects on) is the speedrun's validation set, the first
 EVAL_TOKENS (+1 for the last target) of fineweb_val_000000.bin; `test` (final reports only)
 is the next EVAL_TOKENS of the same file, never seen during search. Training reads only
-fineweb_train_*.bin.
+fineweb_train_*.bin. The evaluation runs model code in a worker that cannot read the val
+shards (`unreadable_paths`, Landlock).
 
 Smoke mode (GROUNDLOOP_SMOKE=1) never touches the disk: uniform random tokens over a
 SMOKE_VOCAB_SIZE vocabulary, so a CPU pre-flight runs in seconds on any machine. Synthetic
@@ -105,6 +106,13 @@ def read_shard(path: Path) -> np.ndarray:
     """The shard's tokens as a read-only uint16 memmap (no copy into RAM)."""
     count = shard_size(path)
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(count,))
+
+
+def unreadable_paths() -> list[Path]:
+    """The val/test shards wherever a run might find them: the evaluation's model worker
+    (which runs editable code) gets a Landlock ruleset denying these files, so it sees the
+    split only one batch at a time. Never raises: no shards, nothing to deny."""
+    return sorted({p.resolve() for d in candidate_dirs() for p in d.glob("fineweb_val_*.bin")})
 
 
 def train_shard_paths() -> list[Path]:

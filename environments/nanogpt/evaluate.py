@@ -1,15 +1,22 @@
 """nanogpt protected evaluation: validation loss of the saved model, a causality probe, metrics.
 
 Runs as its own process after training (`python evaluate.py`, manifest `evaluate`):
-- reads out/model.pt (written by harness.save_checkpoint) and rebuilds the model with the
-  workspace's `train.build_model(model_config)`;
+- starts a model worker (model_worker.py) before it reads the split: the worker
+  imports the workspace's train.py, rebuilds the model with `train.build_model(model_config)`
+  from out/model.pt, and answers per-token losses for the batches this process sends it. It
+  runs under a Landlock ruleset that denies reading the val/test shards
+  (data.unreadable_paths()) and cannot read this process (made non-dumpable), so editable
+  code never sees the evaluation split except the batch being scored; full logits never cross
+  (too large): tokens go in, per-token fp32 losses come out. The model's forward runs before
+  the worker is sent the batch's targets;
 - scores the fixed token stream of GROUNDLOOP_SPLIT (`val` for search, `test` for final
   reports; data.eval_tokens) as rows of data.eval_seq_len() tokens, mean cross-entropy in fp32;
 - runs the causality probe on real batches: every token after a random cut of the batch's
-  token stream is replaced, and the logits at or before the cut must not move. That makes the
-  one-pass loss equal to what token-by-token decoding would give (the paper's guardrail), and
-  also catches leaks across rows of a batch (row i+1 continues row i in the stream). The cuts
-  come from the OS's random source, so a model cannot know which positions are probed;
+  token stream is replaced (the targets kept), and the losses at or before the cut must not
+  move. That makes the one-pass loss equal to what token-by-token decoding would give (the
+  paper's guardrail), and also catches leaks across rows of a batch (row i+1 continues row i
+  in the stream). The cuts come from the OS's random source, so a model cannot know which
+  positions are probed;
 - writes GROUNDLOOP_METRICS_OUT: val_loss, causality_violation, train_seconds, tokens, steps,
   and in final mode (split `test`) target_reached and, when reached, seconds_to_target.
 
@@ -20,7 +27,8 @@ train_seconds (and, in final mode, seconds_to_target) are the guard's wall secon
 to exit, never a number training wrote.
 
 A leak, or a run outside its budget, exits with code 3 and writes only {"rejected": reason}:
-the run is rejected with that reason. `loss_sums` is also used by harness.py for the final mode's in-training checks.
+the run is rejected with that reason. `loss_sums` also scores an in-process model, for
+harness.py's final-mode checks during training.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -128,8 +137,32 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def token_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, T) fp32 next-token cross-entropy of an in-process model."""
+    logits = logits_of(model, x).float()
+    flat = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+    return flat.view_as(y)
+
+
+class LocalModel:
+    """An in-process model (training's final-mode checks, tests): model code and the tokens
+    share a process, which only the evaluation's worker avoids."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return token_losses(self.model, x, y)
+
+
+def scorer(model):
+    """A module scored in this process, or a model_worker.RemoteModel as it is."""
+    return LocalModel(model) if isinstance(model, torch.nn.Module) else model
+
+
+@torch.no_grad()
 def loss_sums(
-    model: torch.nn.Module,
+    model,
     tokens: torch.Tensor,
     seq_len: int,
     batch_size: int,
@@ -137,25 +170,25 @@ def loss_sums(
     rank: int = 0,
     world: int = 1,
 ) -> tuple[float, int]:
-    """Summed next-token cross-entropy (fp32) and token count over this rank's batches."""
+    """Summed next-token cross-entropy (fp32) and token count over this rank's batches;
+    `model` is a module (in-process) or a RemoteModel."""
+    scoring = scorer(model)
     total, count = 0.0, 0
     for index in range(rank, batch_count(tokens, seq_len, batch_size), world):
         x, y = batch(tokens, index, seq_len, batch_size, device)
-        logits = logits_of(model, x).float()
-        total += F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
-        ).item()
+        total += scoring.losses(x, y).sum().item()
         count += y.numel()
     return total, count
 
 
 @torch.no_grad()
 def causality_violation(
-    model: torch.nn.Module, x: torch.Tensor, cut: int, rng: random.Random
+    model, x: torch.Tensor, y: torch.Tensor, cut: int, rng: random.Random
 ) -> float:
-    """How far the logits at stream positions <= cut move when every later token changes,
-    relative to the logits' scale. 0 for a causal model."""
-    original = logits_of(model, x).float().flatten(0, 1)
+    """How far the per-token losses at stream positions <= cut move when every later input
+    token changes (targets kept), relative to their scale. 0 for a causal model."""
+    scoring = scorer(model)
+    original = scoring.losses(x, y).float().flatten()
     stream = x.flatten().clone()
     later = len(stream) - cut - 1
     if later <= 0:
@@ -169,18 +202,14 @@ def causality_violation(
     same = replacement == stream[cut + 1 :]
     replacement[same] = (replacement[same] + 1) % data.vocab_size()
     stream[cut + 1 :] = replacement
-    perturbed = logits_of(model, stream.view_as(x)).float().flatten(0, 1)
+    perturbed = scoring.losses(stream.view_as(x), y).float().flatten()
     moved = (original[: cut + 1] - perturbed[: cut + 1]).abs().max().item()
     scale = 1.0 + original[: cut + 1].abs().max().item()
     return moved / scale if math.isfinite(moved) else math.inf
 
 
 def probe(
-    model: torch.nn.Module,
-    tokens: torch.Tensor,
-    seq_len: int,
-    batch_size: int,
-    device: torch.device,
+    model, tokens: torch.Tensor, seq_len: int, batch_size: int, device: torch.device
 ) -> float:
     """Largest causality violation over the probed batches; raises FutureTokenLeak."""
     rng = random.SystemRandom()  # unpredictable to the model under test
@@ -189,76 +218,69 @@ def probe(
     span = seq_len * batch_size
     worst = 0.0
     for index in chosen:
-        x, _ = batch(tokens, index, seq_len, batch_size, device)
+        x, y = batch(tokens, index, seq_len, batch_size, device)
         # One cut inside the first row (in-row and cross-row future), one anywhere.
         for cut in (rng.randrange(seq_len - 1), rng.randrange(span - 1)):
-            worst = max(worst, causality_violation(model, x, cut, rng))
-    tolerance = PROBE_TOLERANCE[compute_dtype(device)]
+            worst = max(worst, causality_violation(model, x, y, cut, rng))
+    tolerance = PROBE_TOLERANCE[compute_dtype(getattr(model, "device", device))]
     if not worst <= tolerance:
         raise FutureTokenLeak(
-            f"future-token leak: logits at positions <= t changed by {worst:.3g} (relative; "
+            f"future-token leak: losses at positions <= t changed by {worst:.3g} (relative; "
             f"tolerance {tolerance:g}) when only tokens after t changed. The model must be "
             "causal: no position may see a later token, in its row or in a later row"
         )
     return worst
 
 
-def load_model(device: torch.device) -> tuple[torch.nn.Module, dict]:
+def load_meta() -> dict:
+    """The checkpoint's training metadata, read without running any of its code."""
     if not CHECKPOINT.is_file():
         raise FileNotFoundError(
             f"{CHECKPOINT} is missing: training must end with harness.save_checkpoint(...)"
         )
-    checkpoint = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
-    # Editable code runs in this process from here on: a tripwire (not a sandbox; the hack
-    # floor is the backstop) for the cheap ways it could bend the evaluation.
-    watched = _evaluation_surface()
-    import train  # the workspace's model definition
-
-    model = train.build_model(dict(checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    if _evaluation_surface() != watched:
-        raise RuntimeError(
-            "importing train.py or building the model changed the evaluation "
-            "(its functions, torch's loss or the GROUNDLOOP_/NANOGPT_ settings); "
-            "train.py may only define the model"
-        )
-    return model.to(device).eval(), checkpoint
+    checkpoint = torch.load(CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+    return dict(checkpoint.get("meta", {}))
 
 
-def _evaluation_surface() -> dict[str, object]:
-    main = sys.modules["__main__"].__dict__
-    surface: dict[str, object] = {f"main.{k}": v for k, v in main.items() if callable(v)}
-    surface.update({f"data.{k}": v for k, v in vars(data).items() if callable(v)})
-    surface.update(
-        {f"env.{k}": v for k, v in os.environ.items() if k.startswith(("GROUNDLOOP_", "NANOGPT_"))}
-    )
-    surface["cross_entropy"] = F.cross_entropy
-    surface["load_state_dict"] = torch.nn.Module.load_state_dict
-    return surface
-
-
-def main() -> int:
+def main(standalone: bool = False) -> int:
+    """Score out/model.pt. `standalone` (run as a script): this process is made non-dumpable,
+    so the worker cannot read the split from its memory, and a subreaper whose every
+    descendant dies before the metrics are written."""
     device_name = os.environ.get("GROUNDLOOP_DEVICE", "cpu")
-    device = torch.device("cuda:0" if device_name == "cuda" else "cpu")
     split = os.environ.get("GROUNDLOOP_SPLIT", "val")
     metrics_out = os.environ.get("GROUNDLOOP_METRICS_OUT")
-    if device.type == "cpu":
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if standalone:
+        budget_guard._libc.prctl(budget_guard.PR_SET_DUMPABLE, 0, 0, 0, 0)
+        budget_guard._libc.prctl(budget_guard.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
+    here = torch.device("cpu")  # this process never runs the model
+    model = None
     try:
         ledger = check_ledger()
-        model, checkpoint = load_model(device)
+        meta = load_meta()
+        from model_worker import RemoteModel  # protected; imports this module for logits_of
+
+        model = RemoteModel(device_name)  # started before the split is read
+        print(f"evaluate: model worker started, shard Landlock {model.landlock}", flush=True)
         tokens = data.eval_tokens(split)
         seq_len, batch_size = data.eval_seq_len(), eval_batch_size()
-        violation = probe(model, tokens, seq_len, batch_size, device)
+        violation = probe(model, tokens, seq_len, batch_size, here)
+        total, count = loss_sums(model, tokens, seq_len, batch_size, here)
+        model.close()
     except (FutureTokenLeak, Rejected) as leak:
         print(f"REJECTED: {leak}", file=sys.stderr, flush=True)
         if metrics_out:  # the runner marks the run rejected with this reason
             Path(metrics_out).write_text(json.dumps({"rejected": str(leak)}))
         return LEAK_EXIT_CODE
-    total, count = loss_sums(model, tokens, seq_len, batch_size, device)
+    finally:
+        if model is not None and model.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(model.process.pid, signal.SIGKILL)
+            model.process.wait(timeout=30)
+        if standalone:
+            budget_guard.Guard(0).kill_tree()
     val_loss = total / count
-    meta = dict(checkpoint.get("meta", {}))
     metrics = {"val_loss": val_loss, "causality_violation": violation, "eval_tokens": count}
     metrics["train_seconds"] = float(ledger["wall_seconds"])  # the guard's clock
     for name, key in (
@@ -288,4 +310,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(standalone=True))

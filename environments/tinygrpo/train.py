@@ -1,8 +1,10 @@
 """tinygrpo: GRPO from scratch on a tiny char-level policy that adds 2-3 digit numbers.
 
-Top to bottom: config, rollouts (group sampling), rewards, group-normalised advantages, the
-clipped policy-gradient objective with an optional KL penalty to the reference policy, the loop.
-Ideas edit this file. Protected, and imported here: task.py (problems, tokenizer, the exact-
+Three editable files. This one: config and the training loop (sample problems, roll out
+groups, reward them, advantages, INNER_EPOCHS optimiser passes, save). It imports sampler.py
+(how completions are sampled, TEMPERATURE) and loss.py (per-token log-probabilities, group-
+normalised advantages, the clipped policy-gradient objective with an optional KL penalty to
+the reference policy). Protected, and imported here: task.py (problems, tokenizer, the exact-
 match verifier), policy.py (the architecture and the base checkpoint that prepare.py built).
 The protected evaluate.py scores what this file saves, out/policy.pt, by greedy decoding on a
 validation split that train.py never samples from.
@@ -23,84 +25,19 @@ from pathlib import Path
 import policy
 import task
 import torch
-import torch.nn.functional as F
+from loss import KL_COEF, advantages, completion_logprobs, grpo_loss
+from sampler import sample_completions
 
 # ----------------------------------------------------------------------------- config
 STEPS = 400  # one batch of rollouts (PROMPTS_PER_STEP x GROUP_SIZE) per step
 PROMPTS_PER_STEP = 16
 GROUP_SIZE = 8  # completions sampled per prompt; advantages are relative within a group
-TEMPERATURE = 1.0
 LEARNING_RATE = 3e-4
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0  # 0 disables clipping
 INNER_EPOCHS = 2  # optimisation passes over each batch of rollouts (>1 makes clipping matter)
-CLIP_EPS = 0.2
-KL_COEF = 0.0  # weight of the k3 KL estimate to the frozen base policy
-ADV_NORM = "group_std"  # group_std: (r - mean) / std | group_mean: r - mean | batch_std
-LOSS_AGG = "sequence"  # sequence: mean over tokens then sequences (GRPO) | token: over all tokens
 LOG_EVERY = 10
 THREADS = 1  # fixed, so a seed gives the same numbers on any machine
-
-
-# ----------------------------------------------------------------------------- rollouts
-@torch.no_grad()
-def sample_completions(
-    model: policy.Policy, prompts: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """Sample completions (N, MAX_ANSWER_TOKENS) at TEMPERATURE; PAD after the end mark."""
-    sequence = prompts
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=prompts.device)
-    for _ in range(task.MAX_ANSWER_TOKENS):
-        logits = model(sequence)[:, -1] / TEMPERATURE
-        # PAD is never a valid choice before the end mark.
-        logits[:, task.PAD_ID] = float("-inf")
-        probs = F.softmax(logits, dim=-1)
-        next_id = (
-            torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(prompts.device)
-        )
-        next_id = torch.where(done, torch.full_like(next_id, task.PAD_ID), next_id)
-        done |= next_id == task.EOS_ID
-        sequence = torch.cat([sequence, next_id[:, None]], dim=1)
-    return sequence[:, prompts.shape[1] :]
-
-
-def completion_logprobs(
-    model: policy.Policy, prompts: torch.Tensor, completions: torch.Tensor
-) -> torch.Tensor:
-    """Per-token log-probabilities (N, L) of `completions` after `prompts` under `model`."""
-    sequence = torch.cat([prompts, completions], dim=1)
-    logits = model(sequence[:, :-1])[:, prompts.shape[1] - 1 :]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, completions[..., None]).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------- advantages
-def advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """Rewards (P, G) -> advantages (P, G), normalised within each prompt's group."""
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if ADV_NORM == "group_std":
-        return centred / (rewards.std(dim=1, keepdim=True) + 1e-4)
-    if ADV_NORM == "group_mean":
-        return centred
-    if ADV_NORM == "batch_std":
-        return centred / (rewards.std() + 1e-4)
-    raise ValueError(f"ADV_NORM={ADV_NORM!r}; use group_std, group_mean or batch_std")
-
-
-# ----------------------------------------------------------------------------- objective
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantage, mask) -> torch.Tensor:
-    """Clipped surrogate (PPO) with per-sequence advantages, plus KL_COEF * k3 KL to reference."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantage[:, None]
-    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - CLIP_EPS, 1 + CLIP_EPS) * adv)
-    per_token = -surrogate
-    if KL_COEF > 0:
-        log_ratio_ref = ref_logprobs - logprobs
-        per_token = per_token + KL_COEF * (torch.exp(log_ratio_ref) - log_ratio_ref - 1)
-    if LOSS_AGG == "sequence":
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    if LOSS_AGG == "token":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
-    raise ValueError(f"LOSS_AGG={LOSS_AGG!r}; use sequence or token")
 
 
 # ----------------------------------------------------------------------------- loop

@@ -81,22 +81,29 @@ def test_ideas_and_runs_of_a_search_filter_and_page(client):
     assert len(client.get("/searches/s2/generations").json()) == 2
 
 
-def test_leaderboard_ranks_ideas_by_best_reward(client):
+def test_leaderboard_ranks_ideas_by_mean_search_split_reward(client):
     board = client.get("/searches/s1/leaderboard", params={"limit": 100}).json()
-    best: dict[str, float] = {}
+    rewards: dict[str, list[float]] = {}
+    scores: dict[str, list[float]] = {}
     for run in of_type(S1, ev.RunCompleted):
-        if run.status == "succeeded":
-            best[run.idea_id] = max(best.get(run.idea_id, run.reward), run.reward)
-    assert [e["idea_id"] for e in board] == sorted(best, key=lambda i: (-best[i], i))
-    assert [e["rank"] for e in board] == list(range(1, len(best) + 1))
-    assert all(e["best_reward"] == best[e["idea_id"]] for e in board)
+        if run.status == "succeeded" and run.purpose != "reeval":
+            rewards.setdefault(run.idea_id, []).append(run.reward)
+            scores.setdefault(run.idea_id, []).append(run.score)
+    mean = {i: sum(r) / len(r) for i, r in rewards.items()}
+    assert [e["idea_id"] for e in board] == sorted(mean, key=lambda i: (-mean[i], i))
+    assert [e["rank"] for e in board] == list(range(1, len(mean) + 1))
+    for e in board:
+        assert e["split"] == "search" and e["runs"] == len(rewards[e["idea_id"]])
+        assert e["mean_reward"] == pytest.approx(mean[e["idea_id"]])
+        assert e["mean_score"] == pytest.approx(sum(scores[e["idea_id"]]) / e["runs"])
+        assert e["best_reward"] == max(rewards[e["idea_id"]])
+    # the story re-evaluates its best idea: on the final split, reported apart
+    reeval = [r for r in of_type(S1, ev.RunCompleted) if r.purpose == "reeval" and r.idea_id]
+    assert reeval
+    judged = next(e for e in board if e["idea_id"] == reeval[0].idea_id)
+    assert judged["final_runs"] == len(reeval) and judged["final_split"] == "final"
+    assert judged["final_mean_score"] == pytest.approx(sum(r.score for r in reeval) / len(reeval))
     top = board[0]
-    rewards = [
-        r.reward
-        for r in of_type(S1, ev.RunCompleted)
-        if r.idea_id == top["idea_id"] and r.status == "succeeded"
-    ]
-    assert top["mean_reward"] == pytest.approx(sum(rewards) / len(rewards))
     assert top["best_score"] == pytest.approx(
         1 / top["best_reward"], rel=1e-4
     )  # reward = 1/loss here

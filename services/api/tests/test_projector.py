@@ -144,7 +144,12 @@ def test_idea_and_run_columns_follow_the_events():
         )
         assert idea["status"] == expected, proposed.title
         assert idea["runs_completed"] == len(mine) and idea["runs_succeeded"] == len(won)
-        assert idea["best_reward"] == (max(c.reward for c in won) if won else None)
+        # mean and best are of search-split runs: the final re-evaluation never counts
+        ranked = [c for c in won if c.purpose != "reeval"]
+        assert idea["best_reward"] == (max(c.reward for c in ranked) if ranked else None)
+        assert idea["search_runs"] == len(ranked)
+        if ranked:
+            assert idea["mean_reward"] == pytest.approx(sum(c.reward for c in ranked) / len(ranked))
         assert idea["title"] == proposed.title and idea["parent_ids"] == proposed.parent_ids
     baseline = next(i for i in ideas.values() if i["mode"] == "baseline" and i["search_id"] == "s1")
     assert baseline["runs_succeeded"] == 2

@@ -28,13 +28,17 @@ def test_export_then_import_then_export_round_trips(recorded: Recorder) -> None:
     }
     failed = [r for r in rows if r["code_diff"] == ""]
     assert failed and all(r["result"] is None for r in failed)
-    assert all(isinstance(r["result"], float) for r in rows if r["code_diff"])
+    assert all(
+        set(r["result"]) == {"score"} and isinstance(r["result"]["score"], float)
+        for r in rows
+        if r["code_diff"]
+    )  # the released shape: {metric name: value}
     assert (
         rows[0]["ideator_model"] == rows[0]["executor_model"] == "knobs"
         and rows[0]["env"] == "synthetic"
     )
     assert rows[0]["idea"] == "Idea 0.0\n\n[Experiment] change knob 0 [End]"
-    # mixed models, a patch whose run failed, and a result given as an integer
+    # mixed models, a patch whose run failed, and a result given as a bare integer
     patched = [i for i, r in enumerate(rows) if r["code_diff"]]
     rows[patched[0]] = {
         **rows[patched[0]],
@@ -45,8 +49,9 @@ def test_export_then_import_then_export_round_trips(recorded: Recorder) -> None:
     rows[patched[2]] = {**rows[patched[2]], "result": 1}
 
     at = datetime(2025, 1, 1, tzinfo=UTC)
-    imported = import_paper(rows, "imp", SYNTHETIC, occurred_at=at)
-    assert import_paper(rows, "imp", SYNTHETIC, occurred_at=at) == imported  # deterministic ids
+    imported = import_paper(rows, "imp", SYNTHETIC, occurred_at=at).events
+    again_ids = import_paper(rows, "imp", SYNTHETIC, occurred_at=at).events
+    assert again_ids == imported  # deterministic ids
     assert all(e.producer == "history:import" and e.search_id == "imp" for e in imported)
     assert isinstance(imported[-1], ev.SearchStarted) and isinstance(
         imported[-2], ev.SearchCompleted
@@ -58,7 +63,7 @@ def test_export_then_import_then_export_round_trips(recorded: Recorder) -> None:
     assert statuses.count("failed") == 1 and len(statuses) == len(rows) - len(failed)
 
     again = export_paper(imported)
-    expected = [{**r, "result": None if r["result"] is None else float(r["result"])} for r in rows]
+    expected = [{**r, "result": {"score": 1.0} if r["result"] == 1 else r["result"]} for r in rows]
     assert again == expected
     assert json.loads(json.dumps(again)) == again
 
@@ -96,8 +101,7 @@ def test_datasets_loads_the_exported_jsonl(recorded: Recorder, tmp_path) -> None
         "json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache")
     )
     assert loaded.num_rows == len(rows)
-    assert (
-        loaded.features["result"].dtype == "float64" and loaded.features["epoch"].dtype == "int64"
-    )
+    assert loaded.features["result"]["score"].dtype == "float64"
+    assert loaded.features["epoch"].dtype == "int64"
     assert loaded[0]["idea"] == rows[0]["idea"]
     assert [r["result"] for r in loaded] == [r["result"] for r in rows]

@@ -71,19 +71,27 @@ def test_a_deadline_decision_has_one_id_whoever_makes_it() -> None:
 
 
 def test_run_budget_shrinks_the_last_generation_and_stops() -> None:
-    # 2 baseline runs + 3 (generation 0) + 2 (generation 1, cut to what is left) = 7.
+    # 2 baseline + 3 (generation 0) + 1 (generation 1, cut to what is left) + 1 re-evaluation
+    # run (the final baseline reuses a baseline run) = 7. More runs: test_hard_budgets.py.
     world = World().run(
-        search_started(generations=5, ideas_per_generation=3, budgets=Budgets(max_runs=7))
+        search_started(
+            generations=5,
+            ideas_per_generation=3,
+            final_top_k=1,
+            final_seeds=1,
+            budgets=Budgets(max_runs=7),
+        )
     )
     assert [ga.plan.fresh + ga.plan.explore + ga.plan.exploit for ga in world.generations()] == [
         3,
-        2,
+        1,
     ]
-    assert world.completed().reason == "budget spent: runs (7 of 7)"
+    assert world.completed().reason.startswith("budget spent: the next generation would not fit")
     searched = [e for e in world.of(RunCompleted) if e.purpose == "search"]
-    assert len(searched) == 5 and [
+    assert len(searched) == 4 and [
         r.seed for r in world.of(RunRequested) if r.purpose == "baseline"
     ][:2] == [7, 8]
+    assert len(world.of(RunRequested)) + len(searched) == 7
 
 
 def test_gpu_hour_budget_stops_the_search() -> None:

@@ -182,3 +182,24 @@ def test_provider_down_is_retried_later_and_missing_key_fails(
     deps = make_deps(tmp_path, synthetic, started, server, llm=ClientCache(LLMSettings()))
     [failed] = handle(an_idea(), deps)
     assert failed.stage == "model" and "export OPENAI_API_KEY" in failed.last_error
+
+
+def test_a_model_idea_past_the_dollar_budget_calls_no_model(tmp_path, synthetic, server):
+    """The search's spend (read from its log by the service) plus what a patch has cost on
+    average would pass the budget: the idea is rejected before any model call."""
+    started = started_for(
+        synthetic, ev.ImplementerSettings(kind="llm", model="openai:gpt-4o"), "budget-s"
+    )
+    budgets = started.config.budgets.model_copy(update={"dollars": 1.0})
+    started = started.model_copy(
+        update={"config": started.config.model_copy(update={"budgets": budgets})}
+    )
+    deps = make_deps(tmp_path, synthetic, started, server, spent_usd=0.9, next_patch_usd=0.2)
+    [failed] = handle(an_idea(search_id="budget-s"), deps)
+    assert isinstance(failed, ev.PatchFailed) and failed.stage == "rejected"
+    assert "dollar budget spent" in failed.last_error and not server.requests
+    # With room for the next patch the same idea goes to the model.
+    server.enqueue(Reply(text="no diff here"))
+    deps = make_deps(tmp_path, synthetic, started, server, spent_usd=0.5, next_patch_usd=0.2)
+    handle(an_idea(search_id="budget-s"), deps)
+    assert server.requests

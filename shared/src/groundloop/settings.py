@@ -25,30 +25,52 @@ def default_environments_dir() -> Path:
 
 
 class Settings(BaseSettings):
+    """What every process reads: the broker, the projections' database, folders, telemetry."""
+
     model_config = SettingsConfigDict(env_prefix="GROUNDLOOP_", extra="ignore")
 
-    # Broker: empty means "start (or reuse) the embedded nats-server under data_dir".
-    nats_url: str | None = None
-    # Projections: any SQLAlchemy URL; default SQLite under data_dir.
-    db_url: str | None = None
-    data_dir: Path = Field(default_factory=lambda: Path.home() / ".groundloop")
-    environments_dir: Path = Field(default_factory=default_environments_dir)
-    # Subject prefix and stream names, so several deployments can share one NATS account.
-    subject_prefix: str = "gl"
-    stream: str = "GROUNDLOOP"
-    dlq_stream: str = "GROUNDLOOP_DLQ"
-    artifacts_bucket: str = "groundloop-artifacts"
+    nats_url: str | None = Field(
+        default=None,
+        description="NATS broker URL; empty: start (or reuse) an embedded nats-server under data_dir",
+    )
+    db_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the projections; empty: SQLite under data_dir",
+    )
+    data_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".groundloop",
+        description="broker data, database, reports (default ~/.groundloop)",
+    )
+    environments_dir: Path = Field(
+        default_factory=default_environments_dir,
+        description="where environments are found (default <prefix>/share/groundloop/environments, "
+        "else ./environments)",
+    )
+    subject_prefix: str = Field(
+        default="gl", description="NATS subject prefix, so deployments can share an account"
+    )
+    stream: str = Field(default="GROUNDLOOP", description="JetStream stream of the event log")
+    dlq_stream: str = Field(default="GROUNDLOOP_DLQ", description="dead-letter stream")
+    artifacts_bucket: str = Field(
+        default="groundloop-artifacts", description="object-store bucket for diffs and logs"
+    )
     # Two hours: covers publisher retries across broker restarts and a redelivered handler
-    # that re-publishes its outputs after a crash; longer-lived duplicates are caught by the
-    # consumers' processed-events records. See README "Duplicates".
-    duplicate_window_s: float = 7200.0
-    ack_wait_s: float = 30.0
-    max_deliver: int = 5
-    # Telemetry: "none", "console", or "otlp" (then otlp_endpoint is used).
-    traces: str = "none"
-    otlp_endpoint: str | None = None
-    log_level: str = "INFO"
-    log_json: bool = False
+    # that re-publishes its outputs after a crash (README "Duplicates").
+    duplicate_window_s: float = Field(
+        default=7200.0, description="JetStream duplicate window for event ids, in seconds"
+    )
+    ack_wait_s: float = Field(
+        default=30.0, description="seconds before an unacknowledged message is redelivered"
+    )
+    max_deliver: int = Field(
+        default=5, description="deliveries before a message goes to the dead-letter stream"
+    )
+    traces: str = Field(default="none", description='"none", "console" or "otlp"')
+    otlp_endpoint: str | None = Field(
+        default=None, description="OTLP HTTP endpoint when traces is otlp"
+    )
+    log_level: str = Field(default="INFO", description="Python logging level")
+    log_json: bool = Field(default=False, description="log one JSON object per line")
 
     def resolved_db_url(self) -> str:
         if self.db_url:

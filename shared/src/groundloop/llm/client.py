@@ -40,7 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from groundloop.events import ModelPrice
 from groundloop.events import Usage as Usage
-from groundloop.llm.pricing import DEFAULT_PRICES, load_price_table, price_for
+from groundloop.llm.pricing import DEFAULT_PRICES, PriceUnknown, load_price_table, require_price
 from groundloop.llm.pricing import cost_usd as cost_usd
 from groundloop.llm.providers import (
     AnthropicClient,
@@ -76,40 +76,101 @@ class LLMSettings(BaseSettings):
         validation_alias=AliasChoices(
             "openai_api_key", "GROUNDLOOP_OPENAI_API_KEY", "OPENAI_API_KEY"
         ),
+        description="OpenAI key (also read from OPENAI_API_KEY)",
     )
     anthropic_api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices(
             "anthropic_api_key", "GROUNDLOOP_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"
         ),
+        description="Anthropic key (also read from ANTHROPIC_API_KEY)",
     )
-    # Local servers usually need no key; some (vLLM --api-key) do.
     compatible_api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("compatible_api_key", "GROUNDLOOP_LLM_COMPATIBLE_API_KEY"),
+        description="key for an OpenAI-compatible server, if it needs one (vLLM --api-key)",
     )
-    openai_base_url: str | None = None  # a proxy, or a test server
-    anthropic_base_url: str | None = None
-    compatible_base_url: str | None = None  # for `openai-compatible:model` without @url
-    timeout_s: float = 600.0  # one request; long reasoning answers take minutes
-    max_attempts: int = Field(default=6, ge=1)
-    max_total_s: float = 1800.0  # all attempts of one call, sleeps included
-    backoff_initial_s: float = 2.0
-    backoff_max_s: float = 60.0
-    # Capped further per call to what the model's measured speed fits in timeout_s.
-    max_output_tokens: int = 8192
-    # Concurrent calls per endpoint (base URL) in one process; None: 1 for a server on this
-    # machine (a CPU-served model runs one generation at a time), unlimited otherwise.
-    max_concurrency: int | None = Field(default=None, ge=1)
-    # Compare the model name with the server's /v1/models list (openai-compatible servers).
-    check_model_name: bool = True
-    temperature: float | None = None  # None: the provider's default (reasoning models need it)
-    thinking_budget: int | None = None  # Anthropic extended thinking, in tokens
-    # "low" | "medium" | "high" for gpt-5 and the o-series
-    openai_reasoning_effort: str | None = None
-    prices: dict[str, ModelPrice] = {}  # JSON in GROUNDLOOP_LLM_PRICES
-    # JSON {"provider:model": {"input_per_mtok": .., "output_per_mtok": ..}}
-    prices_file: Path | None = None
+    openai_base_url: str | None = Field(
+        default=None, description="a proxy or test server for OpenAI"
+    )
+    anthropic_base_url: str | None = Field(
+        default=None, description="a proxy or test server for Anthropic"
+    )
+    compatible_base_url: str | None = Field(
+        default=None, description="base URL for `openai-compatible:model` without @url"
+    )
+    timeout_s: float = Field(
+        default=600.0, description="one request; long reasoning answers take minutes"
+    )
+    max_attempts: int = Field(
+        default=6,
+        ge=1,
+        description="attempts per call for retryable errors (timeouts are not blindly retried)",
+    )
+    max_total_s: float = Field(
+        default=1800.0, description="all attempts of one call, sleeps included"
+    )
+    backoff_initial_s: float = Field(default=2.0, description="first retry delay")
+    backoff_max_s: float = Field(default=60.0, description="longest retry delay")
+    max_output_tokens: int = Field(
+        default=8192,
+        description="output cap per call, lowered to what the model's measured tokens/s fits in timeout_s",
+    )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="concurrent calls per endpoint in one process; unset: 1 for a server on this machine, unlimited otherwise",
+    )
+    check_model_name: bool = Field(
+        default=True, description="compare the model name with the server's /v1/models list"
+    )
+    temperature: float | None = Field(
+        default=None, description="unset: the provider's default (reasoning models need it)"
+    )
+    thinking_budget: int | None = Field(
+        default=None, description="Anthropic extended thinking, in tokens"
+    )
+    openai_reasoning_effort: str | None = Field(
+        default=None, description="low, medium or high for gpt-5 and the o-series"
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default={},
+        description='price entries over the table, JSON: {"provider:model": '
+        '{"input_per_mtok": 3.0, "output_per_mtok": 15.0}} (dollars per million tokens)',
+    )
+    prices_file: Path | None = Field(
+        default=None,
+        description="a TOML (shaped like groundloop/llm/prices.toml) or JSON price file whose "
+        "entries override the built-in table",
+    )
+
+
+class ModelPriceUnknown(LLMError, ValueError):
+    """A hosted model with no price in the table in force (see pricing.require_price)."""
+
+
+def endpoint_url(spec: ModelSpec, settings: LLMSettings) -> str | None:
+    """The base URL calls for `spec` go to: its own, else the provider's setting."""
+    if spec.base_url:
+        return spec.base_url
+    return {
+        "openai": settings.openai_base_url,
+        "anthropic": settings.anthropic_base_url,
+        "openai-compatible": settings.compatible_base_url,
+    }[spec.provider]
+
+
+def model_price(
+    spec: ModelSpec, settings: LLMSettings, table: dict[str, ModelPrice]
+) -> ModelPrice | None:
+    """The model's price, $0 on a server on this machine; ModelPriceUnknown otherwise. None
+    for a compatible server with no URL at all: the client's error says how to give one."""
+    if spec.provider == "openai-compatible" and endpoint_url(spec, settings) is None:
+        return None
+    try:
+        return require_price(table, spec, endpoint_url(spec, settings))
+    except PriceUnknown as exc:
+        raise ModelPriceUnknown(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------- model specs
@@ -179,7 +240,7 @@ def make_client(
     spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(model)
     settings = settings if settings is not None else LLMSettings()
     table = prices if prices else price_table(settings)
-    price = price_for(table, spec)
+    price = model_price(spec, settings, table)
     if spec.provider == "anthropic":
         return AnthropicClient(spec, settings, price, **kw)
     return OpenAIClient(spec, settings, price, **kw)

@@ -27,6 +27,12 @@ class MissingAPIKey(LLMError):
     retryable = False
 
 
+class DollarBudgetSpent(LLMError):
+    """The search's dollar budget would be exceeded by the next model call: stop, do not call."""
+
+    retryable = False
+
+
 class LLMRequestRejected(LLMError):
     """The provider refused the request itself (bad key, unknown model, invalid request)."""
 

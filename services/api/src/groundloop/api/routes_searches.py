@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from sqlalchemy import func
 from sqlmodel import SQLModel, col, select
 
+from groundloop.api import ranking
 from groundloop.api.deps import Limit, Offset, SessionDep, search_or_404
 from groundloop.api.store import GenerationRow, IdeaRow, PatchRow, PolicyRow, RunRow, SearchRow
 
@@ -25,6 +26,10 @@ class SearchDetail(SQLModel):
 
 
 class LeaderboardEntry(SQLModel):
+    """One idea on the search split (groundloop.ranking): `mean_*` over `runs` succeeded
+    search-split runs, the number it is ranked by; `best_*` its best single such run. The
+    final re-evaluation (on the manifest's final split) is in `final_*` and never ranks."""
+
     rank: int
     idea_id: str
     title: str | None
@@ -32,11 +37,17 @@ class LeaderboardEntry(SQLModel):
     generation: int | None
     proposer_kind: str | None
     proposer_model: str | None
+    split: str = "search"
+    runs: int
+    mean_score: float
+    mean_reward: float
+    best_score: float
     best_reward: float
-    best_score: float | None
-    best_run_id: str | None
-    mean_reward: float | None  # over the idea's succeeded runs (all seeds and purposes)
-    runs_succeeded: int
+    best_run_id: str
+    final_split: str = "final"
+    final_runs: int = 0
+    final_mean_score: float | None = None
+    runs_succeeded: int  # every run of the idea, final re-evaluation included
     runs_completed: int
 
 
@@ -177,29 +188,32 @@ def list_policies(search_id: str, session: SessionDep) -> list[PolicyRow]:
 def leaderboard(
     search_id: str, session: SessionDep, limit: Limit = 20, include_baseline: bool = True
 ) -> list[LeaderboardEntry]:
-    """Ideas with at least one succeeded run, best reward first. Reward is "higher is
-    better" whatever the metric's direction (the manifest's transform makes it so), so no
-    direction is needed here; `best_score` is the raw metric of the idea's best run."""
+    """Ideas with a succeeded search-split run, best mean reward first (reward is higher is
+    better whatever the metric's direction, so no direction is needed here)."""
     search_or_404(session, search_id)
-    means = (
-        select(RunRow.idea_id, func.avg(RunRow.reward).label("mean_reward"))
-        .where(RunRow.search_id == search_id, RunRow.status == "succeeded")
-        .group_by(RunRow.idea_id)
-        .subquery()
-    )
-    query = (
-        select(IdeaRow, means.c.mean_reward)
-        .join(means, means.c.idea_id == IdeaRow.idea_id, isouter=True)
-        .where(IdeaRow.search_id == search_id, col(IdeaRow.best_reward).is_not(None))
-    )
-    if not include_baseline:
-        query = query.where(col(IdeaRow.mode).is_distinct_from("baseline"))
-    query = query.order_by(col(IdeaRow.best_reward).desc(), IdeaRow.idea_id).limit(limit)
     return [
         LeaderboardEntry(
-            rank=rank,
-            mean_reward=mean_reward,
-            **idea.model_dump(include=set(LeaderboardEntry.model_fields)),
+            rank=e.rank,
+            runs=e.standing.runs,
+            mean_score=e.standing.mean_score,
+            mean_reward=e.standing.mean_reward,
+            best_score=e.standing.best_score,
+            best_reward=e.standing.best_reward,
+            best_run_id=e.standing.best_run_id,
+            final_runs=e.final.runs if e.final else 0,
+            final_mean_score=e.final.mean_score if e.final else None,
+            **e.idea.model_dump(
+                include={
+                    "idea_id",
+                    "title",
+                    "mode",
+                    "generation",
+                    "proposer_kind",
+                    "proposer_model",
+                    "runs_succeeded",
+                    "runs_completed",
+                }
+            ),
         )
-        for rank, (idea, mean_reward) in enumerate(session.exec(query).all(), start=1)
+        for e in ranking.leaderboard(session, search_id, include_baseline=include_baseline)[:limit]
     ]

@@ -1,7 +1,7 @@
 """How run events change the projections: RunRequested, RunStarted and RunCompleted.
 
 Each fills its own column group of the run's row, then carries the run's change (open,
-completed, succeeded, best) over to its idea's counts; the ordering rules are in
+completed, succeeded, search-split result) over to its idea's counts; the ordering rules are in
 groundloop.api.folds, which dispatches here.
 """
 
@@ -11,9 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
-
 from groundloop import events as ev
+from groundloop import ranking
 from groundloop.api.fold_rules import assign, claims, dump, fill, idea_row, refresh_idea_status
 from groundloop.api.rowset import Row, Rows
 from groundloop.api.store import RunRow
@@ -21,25 +20,29 @@ from groundloop.api.store import RunRow
 
 @dataclass(frozen=True)
 class _RunMark:
-    """What one run contributes to its idea's folded columns."""
+    """What one run contributes to its idea's folded columns: counts over every run, and
+    (score, reward) when it is a succeeded search-split run (ranking.RunResult.counts), the
+    only runs an idea's mean and best are of."""
 
     idea_id: str | None = None
     open: bool = False
     completed: bool = False
     succeeded: bool = False
-    reward: float | None = None
+    result: tuple[float, float] | None = None
 
     @classmethod
     def of(cls, run: Row | None) -> _RunMark:
         if run is None:
             return cls()
         completed = run.completed_event_id is not None
+        succeeded = completed and run.status == "succeeded"
+        counted = ranking.RunResult(run.idea_id, run.purpose, run.score, run.reward).counts
         return cls(
             run.idea_id,
             run.started_event_id is not None and not completed,
             completed,
-            completed and run.status == "succeeded",
-            run.reward,
+            succeeded,
+            (run.score, run.reward) if succeeded and counted else None,
         )
 
 
@@ -55,8 +58,9 @@ def _fold_run(rows: Rows, e: ev.Event, change: Callable[[Row], None]) -> None:
 
 
 def _carry_to_ideas(rows: Rows, run: Row, before: _RunMark, after: _RunMark) -> None:
-    """Move the run's contribution from its old mark to its new one (exact integer deltas;
-    the best run is recomputed from the table in the rare case it got worse)."""
+    """Move the run's contribution from its old mark to its new one: exact integer deltas for
+    the counts; the idea's search-split results keyed by run id, from which mean and best are
+    recomputed (in sorted order, so any arrival order stores the same numbers)."""
     touched: dict[str, Row] = {}
     for mark, sign in ((before, -1), (after, 1)):
         if mark.idea_id is None:
@@ -68,38 +72,26 @@ def _carry_to_ideas(rows: Rows, run: Row, before: _RunMark, after: _RunMark) -> 
         idea.runs_completed += sign * mark.completed
         idea.runs_succeeded += sign * mark.succeeded
     for idea in touched.values():
-        if idea.best_run_id == run.run_id:
-            _recompute_best(rows, idea)
-        elif after.idea_id == idea.idea_id and after.succeeded and _beats(run, idea):
-            assign(idea, best_run_id=run.run_id, best_reward=run.reward, best_score=run.score)
+        results = dict(idea.search_run_results or {})
+        results.pop(run.run_id, None)
+        if after.idea_id == idea.idea_id and after.result is not None:
+            results[run.run_id] = list(after.result)
+        if results != (idea.search_run_results or {}):
+            _assign_standing(idea, results)
         refresh_idea_status(idea)
 
 
-def _beats(run: Row, idea: Row) -> bool:
-    """Higher reward wins; equal rewards go to the smaller run id (order-independent)."""
-    if idea.best_run_id is None:
-        return True
-    return (run.reward, idea.best_run_id) > (idea.best_reward, run.run_id)
-
-
-def _recompute_best(rows: Rows, idea: Row) -> None:
-    rows.flush()
-    runs = RunRow.__table__.c  # type: ignore[attr-defined]
-    best = rows.conn.execute(
-        select(runs.run_id, runs.reward, runs.score)
-        .where(
-            runs.idea_id == idea.idea_id,
-            runs.status == "succeeded",
-            runs.completed_event_id.is_not(None),
-        )
-        .order_by(runs.reward.desc(), runs.run_id)
-        .limit(1)
-    ).first()
+def _assign_standing(idea: Row, results: dict[str, list[float]]) -> None:
+    best = ranking.standing(idea.idea_id, ((k, s, r) for k, (s, r) in results.items()))
     assign(
         idea,
-        best_run_id=best and best.run_id,
-        best_reward=best and best.reward,
-        best_score=best and best.score,
+        search_run_results=results,
+        search_runs=best.runs if best else 0,
+        mean_score=best and best.mean_score,
+        mean_reward=best and best.mean_reward,
+        best_run_id=best and best.best_run_id,
+        best_reward=best and best.best_reward,
+        best_score=best and best.best_score,
     )
 
 

@@ -148,13 +148,19 @@ class IdeaRow(SQLModel, table=True):
     patch_error: str | None = None
     patch_attempts: int | None = None
     patch_failed_cost_usd: float = 0.0
-    # Folded from the idea's runs (see projector._RunMark)
+    # Folded from the idea's runs (see run_folds._RunMark); counts are over every run
     runs_open: int = 0  # started, not completed
     runs_completed: int = 0
     runs_succeeded: int = 0
+    # Search-split results only (groundloop.ranking): final re-evaluation runs never change
+    # them. Nullable, added after the first release: `groundloop replay rebuild` fills them.
+    search_runs: int | None = 0  # succeeded search-split runs the means are of
+    mean_score: float | None = None
+    mean_reward: float | None = None
     best_reward: float | None = None
     best_score: float | None = None
     best_run_id: str | None = None
+    search_run_results: dict | None = _json()  # run id -> [score, reward]: the fold's input
 
 
 class PatchRow(SQLModel, table=True):

@@ -8,6 +8,7 @@
                                                 same command resumes it)
     groundloop export SEARCH --format paper -o FILE.jsonl
     groundloop import FILE.jsonl --env NAME [--search-id ID]
+                                                prints which rows it skipped and why
 
 Each command is a thin wrapper over an async function of the same job (`redecide_search`,
 `fork_search`, `export_search`, `import_file`), which tests call directly.
@@ -28,6 +29,7 @@ from rich.console import Console
 from groundloop import events as ev
 from groundloop.bus import Bus
 from groundloop.cli.history import HistoryError, export_paper, fork, import_paper, publish_all
+from groundloop.cli.paper_rows import PaperImport
 from groundloop.execution.environment import Environment
 from groundloop.manifest import ManifestError
 from groundloop.settings import Settings
@@ -132,12 +134,24 @@ async def export_search(settings: Settings, search_id: str, output: Path) -> int
                 diffs[key] = (await bus.get_artifact(key)).decode()
         finally:
             await bus.close()
-    rows = export_paper(events, diffs)
+    rows = export_paper(events, diffs, metric=_metric_of(settings, events))
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return len(rows)
+
+
+def _metric_of(settings: Settings, events: list[ev.Event]) -> str | None:
+    """The search's environment's metric name, when that environment is installed here
+    (otherwise export names the metric the runs reported)."""
+    started = next((e for e in events if isinstance(e, ev.SearchStarted)), None)
+    if started is None:
+        return None
+    try:
+        return Environment.load(started.environment, settings.environments_dir).manifest.metric.name
+    except (ManifestError, OSError):
+        return None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -158,14 +172,15 @@ def default_import_id(path: Path) -> str:
 
 async def import_file(
     settings: Settings, path: Path, env_name: str, search_id: str | None = None
-) -> tuple[str, int]:
-    """Publish a paper-format JSONL file as a new, completed search; (search id, events stored)."""
+) -> tuple[str, int, PaperImport]:
+    """Publish a paper-format JSONL file as a new, completed search; (search id, events
+    stored, what was imported and skipped)."""
     name = search_id or default_import_id(path)
     env = Environment.load(env_name, settings.environments_dir)
-    events = import_paper(read_jsonl(path), name, env)
+    imported = import_paper(read_jsonl(path), name, env)
     bus = await Bus.connect(settings, "cli-import")
     try:
-        return name, await publish_all(bus, events)
+        return name, await publish_all(bus, imported.events), imported
     finally:
         await bus.close()
 
@@ -277,7 +292,8 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
         if not file.is_file():
             console.print(f"[red]{file}: no such file[/]")
             raise typer.Exit(2)
-        ((name, stored),) = run(lambda s: import_file(s, file, env, search_id))
+        ((name, stored, imported),) = run(lambda s: import_file(s, file, env, search_id))
+        print(imported.summary())  # plain: row reasons quote code and must not be re-wrapped
         console.print(
             f"imported {file} as search [bold]{name}[/] ({stored} new events); "
             f"fork it with: groundloop replay fork {name} --from-generation K"

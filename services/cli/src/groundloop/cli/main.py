@@ -216,6 +216,14 @@ def searches() -> None:
     console.print(table)
 
 
+@app.command("settings")
+def settings_doc() -> None:
+    """Print every GROUNDLOOP_* variable as Markdown (the source of docs/settings.md)."""
+    from groundloop.cli.settings_doc import markdown
+
+    print(markdown(), end="")
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 

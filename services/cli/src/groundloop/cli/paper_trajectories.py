@@ -1,7 +1,11 @@
 """Trade trajectories with the paper's released format: one row per idea (export / import).
 
 export_paper(events)                        -> one row per idea, the paper's fields
-import_paper(rows, search_id, environment)  -> a completed search's log ("history:import")
+import_paper(rows, search_id, environment)  -> PaperImport: a completed search's log
+                                               ("history:import") and the rows it skipped
+
+`result` is an object keyed by metric name ({"val_loss": 3.21}), as in the released files;
+import also reads a bare number. Reading one row lives in paper_rows.py.
 """
 
 from __future__ import annotations
@@ -9,32 +13,36 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from groundloop import events as ev
 from groundloop.cli.history_error import HistoryError
+from groundloop.cli.paper_rows import MAX_IMPORTED_DIFF_BYTES as MAX_IMPORTED_DIFF_BYTES
+from groundloop.cli.paper_rows import PAPER_FIELDS as PAPER_FIELDS
+from groundloop.cli.paper_rows import CheckedRow, PaperImport, RowNote, Skip, check_row
 from groundloop.consumer import HISTORY_PREFIX
 
 if TYPE_CHECKING:
     from groundloop.execution.environment import Environment
 
-PAPER_FIELDS = ("ideator_model", "executor_model", "env", "epoch", "idea", "code_diff", "result")
 IMPORT_PRODUCER = HISTORY_PREFIX + "import"
-MAX_IMPORTED_DIFF_BYTES = 900_000  # events stay under the bus's 1 MiB limit
 
 
 # ---------------------------------------------------------------------------- export
 
 
-def export_paper(events: list[ev.Event], diffs: Mapping[str, str] | None = None) -> list[dict]:
+def export_paper(
+    events: list[ev.Event], diffs: Mapping[str, str] | None = None, metric: str | None = None
+) -> list[dict]:
     """One row per idea with the paper's released trajectory fields, in (epoch, proposal)
     order: ideator_model (the proposer's model, or its kind, e.g. "knobs"), executor_model
     (the implementer's), env, epoch, idea (title and text), code_diff ("" when no patch),
-    result (mean score of the idea's succeeded search runs, a float, or None).
+    result ({metric name: mean score of the idea's succeeded search runs}, or None).
 
-    `diffs` maps object-store keys to text, for patches whose diff was too large to inline."""
+    `diffs` maps object-store keys to text, for patches whose diff was too large to inline.
+    `metric` is the environment's metric name; by default the one the runs reported."""
     started = next((e for e in events if isinstance(e, ev.SearchStarted)), None)
     ideas = [e for e in events if isinstance(e, ev.IdeaProposed) and e.mode != "baseline"]
     first_idea: dict[str, ev.IdeaProposed] = {}
@@ -53,6 +61,7 @@ def export_paper(events: list[ev.Event], diffs: Mapping[str, str] | None = None)
     for run in runs.values():
         if run.status == "succeeded" and run.score is not None:
             scores[run.idea_id].append(run.score)  # type: ignore[index]
+    name = metric or _metric_name(runs.values())
     default_executor = (
         _label(started.implementer.model, started.implementer.kind) if started else ""
     )
@@ -72,10 +81,24 @@ def export_paper(events: list[ev.Event], diffs: Mapping[str, str] | None = None)
                 "epoch": int(idea.generation),
                 "idea": _idea_text(idea.title, idea.text),
                 "code_diff": _diff_of(patch, diffs) if patch else "",
-                "result": float(math.fsum(runs_scores) / len(runs_scores)) if runs_scores else None,
+                "result": {name: float(math.fsum(runs_scores) / len(runs_scores))}
+                if runs_scores
+                else None,
             }
         )
     return rows
+
+
+def _metric_name(runs: Iterable[ev.RunCompleted]) -> str:
+    """The metric the runs scored: the name whose reported value is the score."""
+    names = Counter(
+        key
+        for run in runs
+        if run.score is not None
+        for key, value in run.metrics.items()
+        if value == run.score
+    )
+    return names.most_common(1)[0][0] if names else "score"
 
 
 def _label(model: str | None, kind: str) -> str:
@@ -102,18 +125,22 @@ def _diff_of(patch: ev.PatchReady, diffs: Mapping[str, str] | None) -> str:
 
 
 def import_paper(
-    rows: list[dict],
+    rows: list[Any],
     search_id: str,
     environment: Environment | None,
     occurred_at: datetime | None = None,
-) -> list[ev.Event]:
+) -> PaperImport:
     """A completed search's log from rows in the paper's format, every event with producer
-    "history:import", so nothing is implemented or run again and the evolver folds it as done.
+    "history:import", so nothing is implemented or run again and the evolver folds it as done;
+    with the rows it skipped (a missing idea or epoch, an unreadable diff, a result that names
+    another metric ...) and those it imported as failed runs (no or a non-finite result).
 
-    Per row: IdeaProposed (mode "fresh": the rows do not say how an idea was asked for;
-    proposer kind "import", model = ideator_model, title = the idea's first line); PatchReady when code_diff is non-empty (implementer kind "import"), else
+    `result` is {metric name: value} (the released files) or a bare number, read as the
+    environment's metric. Per row: IdeaProposed (mode "fresh": the rows do not say how an
+    idea was asked for; proposer kind "import", model = ideator_model, title = the idea's first
+    line); PatchReady when code_diff is non-empty (implementer kind "import"), else
     PatchFailed; RunCompleted, succeeded with score = result and reward by the environment's
-    metric transform when result is a finite number (reward = result without an environment),
+    metric transform when there is a finite result (reward = result without an environment),
     failed otherwise (no run at all for a row with neither diff nor result). Rows come in epoch
     order with a GenerationAdvanced before each epoch. SearchCompleted (reason "imported") and
     then SearchStarted close the log: a live evolver folds the facts, deciding nothing before
@@ -122,10 +149,23 @@ def import_paper(
     as the search's implementer setting (the most common executor_model)."""
     if not ev.is_valid_search_id(search_id):
         raise HistoryError(f"{search_id!r} is not a valid search id ({ev.SEARCH_ID_PATTERN})")
-    rows = [_checked_row(row, n) for n, row in enumerate(rows, start=1)]
-    if not rows:
-        raise HistoryError("no rows to import")
-    envs = sorted({row["env"] for row in rows})
+    metric = environment.manifest.metric if environment is not None else None
+    checked: list[CheckedRow] = []
+    skipped: list[RowNote] = []
+    unscored: list[RowNote] = []
+    for n, raw in enumerate(rows, start=1):
+        try:
+            row = check_row(raw, metric.name if metric else None)
+        except Skip as exc:
+            skipped.append(RowNote(n, str(exc)))
+            continue
+        checked.append(row)
+        if row.unscored:
+            unscored.append(RowNote(n, row.unscored))
+    if not checked:
+        reasons = "; ".join(f"row {s.row}: {s.reason}" for s in skipped[:5])
+        raise HistoryError("no rows to import" + (f" ({reasons})" if reasons else ""))
+    envs = sorted({row.env for row in checked if row.env})
     if len(envs) > 1:
         raise HistoryError(
             f"rows hold {len(envs)} environments ({', '.join(envs)}); a search has "
@@ -133,15 +173,15 @@ def import_paper(
         )
     at = occurred_at or datetime.now(UTC)
     metric = environment.manifest.metric if environment is not None else None
-    env_name = environment.name if environment is not None else envs[0]
+    env_name = environment.name if environment is not None else (envs or ["unknown"])[0]
     digest = (
         environment.digest()
         if environment is not None
         else "unknown (imported without environment)"
     )
     resource_class = environment.manifest.resource_class if environment is not None else "cpu"
-    rows = sorted(rows, key=lambda r: r["epoch"])  # stable: file order within an epoch
-    per_epoch = Counter(row["epoch"] for row in rows)
+    ordered = sorted(checked, key=lambda r: r.epoch)  # stable: file order within an epoch
+    per_epoch = Counter(row.epoch for row in ordered)
 
     def eid(*parts: object) -> str:
         return ev.stable_id(search_id, "import", *parts)
@@ -159,22 +199,22 @@ def import_paper(
     out: list[ev.Event] = []
     results: list[tuple[str, int, float, float]] = []  # idea id, epoch, score, reward
     epoch_event: dict[int, str] = {}
-    for n, row in enumerate(rows):
-        epoch = row["epoch"]
+    for n, row in enumerate(ordered):
+        epoch = row.epoch
         if epoch not in epoch_event:
             out.append(
                 _generation(base(("generation", epoch), start_id), epoch, per_epoch[epoch], results)
             )
             epoch_event[epoch] = out[-1].event_id
-        idea_id, diff, result = eid("idea", n), row["code_diff"], row["result"]
+        idea_id, diff, score = eid("idea", n), row.code_diff, row.result
         idea = ev.IdeaProposed(
             **base((n, "IdeaProposed"), epoch_event[epoch]),
             idea_id=idea_id,
             generation=epoch,
             mode="fresh",
-            title=_title(row["idea"]),
-            text=row["idea"],
-            proposer=ev.ProposerInfo(kind="import", model=row["ideator_model"]),
+            title=_title(row.idea),
+            text=row.idea,
+            proposer=ev.ProposerInfo(kind="import", model=row.ideator_model),
         )
         out.append(idea)
         patch_id: str | None = None
@@ -192,8 +232,8 @@ def import_paper(
                     diff=diff,
                     diff_digest=hashlib.sha256(diff.encode()).hexdigest(),
                     patched_digest="unknown",
-                    files_changed=_files_changed(diff),
-                    implementer=ev.ImplementerInfo(kind="import", model=row["executor_model"]),
+                    files_changed=row.files_changed,
+                    implementer=ev.ImplementerInfo(kind="import", model=row.executor_model),
                     preflight=ev.PreflightReport(
                         passed=True,
                         checks=[
@@ -217,9 +257,8 @@ def import_paper(
                     last_error="the imported trajectory has no code_diff",
                 )
             )
-        if not diff and result is None:
+        if not diff and score is None:  # nothing was run: no run to record
             continue
-        score = result if result is not None and math.isfinite(result) else None  # None: failed
         reward = 0.0 if score is None else metric.to_reward(score) if metric else score
         out.append(
             ev.RunCompleted(
@@ -234,9 +273,7 @@ def import_paper(
                 reward=reward,
                 seed=0,
                 metrics={metric.name: score} if metric and score is not None else {},
-                reason=None
-                if score is not None
-                else f"the imported trajectory has no finite result ({result!r})",
+                reason=None if score is not None else f"the imported trajectory has {row.unscored}",
             )
         )
         if score is not None:
@@ -249,8 +286,8 @@ def import_paper(
             best_idea_id=best[0] if best else None,
             best_score=best[2] if best else None,
             totals=ev.Totals(
-                ideas=len(rows),
-                patches=sum(1 for r in rows if r["code_diff"]),
+                ideas=len(ordered),
+                patches=sum(1 for r in ordered if r.code_diff),
                 runs=sum(1 for e in out if isinstance(e, ev.RunCompleted)),
             ),
         )
@@ -264,55 +301,19 @@ def import_paper(
             config=ev.SearchConfig(
                 generations=max(per_epoch) + 1, ideas_per_generation=max(per_epoch.values())
             ),
-            proposer=_proposer_settings(rows),
-            implementer=_implementer_settings(rows),
+            proposer=_proposer_settings(ordered),
+            implementer=_implementer_settings(ordered),
         )
     )
-    return out
-
-
-def _checked_row(row: Any, n: int) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise HistoryError(f"row {n}: expected a JSON object, got {type(row).__name__}")
-    missing = [f for f in PAPER_FIELDS if f not in row]
-    if missing:
-        raise HistoryError(
-            f"row {n}: missing field(s) {', '.join(missing)}; the paper's rows have "
-            + ", ".join(PAPER_FIELDS)
-        )
-    epoch, result = row["epoch"], row["result"]
-    if (
-        isinstance(epoch, bool)
-        or not isinstance(epoch, int | float)
-        or int(epoch) != epoch
-        or epoch < 0
-    ):
-        raise HistoryError(f"row {n}: epoch must be a non-negative integer, got {epoch!r}")
-    if result is not None and (isinstance(result, bool) or not isinstance(result, int | float)):
-        raise HistoryError(f"row {n}: result must be a number or null, got {result!r}")
-    diff = row["code_diff"] or ""
-    if len(diff.encode()) > MAX_IMPORTED_DIFF_BYTES:
-        raise HistoryError(f"row {n}: code_diff is over {MAX_IMPORTED_DIFF_BYTES:,} bytes")
-    return {
-        "ideator_model": str(row["ideator_model"]),
-        "executor_model": str(row["executor_model"]),
-        "env": str(row["env"]),
-        "epoch": int(epoch),
-        "idea": str(row["idea"] or ""),
-        "code_diff": diff,
-        "result": None if result is None else float(result),
-    }
+    return PaperImport(
+        events=out, rows=len(rows), imported=len(ordered), skipped=skipped, unscored=unscored
+    )
 
 
 def _title(idea: str) -> str:
     """The idea's first non-empty line, shortened (export puts the text back whole)."""
     first = next((line.strip() for line in idea.splitlines() if line.strip()), "")
     return first[:200]
-
-
-def _files_changed(diff: str) -> list[str]:
-    files = [line[6:].strip() for line in diff.splitlines() if line.startswith("+++ b/")]
-    return list(dict.fromkeys(files))
 
 
 def _generation(
@@ -328,8 +329,8 @@ def _generation(
     )
 
 
-def _proposer_settings(rows: list[dict]) -> ev.ProposerSettings:
-    model = Counter(r["ideator_model"] for r in rows).most_common(1)[0][0]
+def _proposer_settings(rows: list[CheckedRow]) -> ev.ProposerSettings:
+    model = Counter(r.ideator_model for r in rows).most_common(1)[0][0]
     return (
         ev.ProposerSettings(kind="knobs")
         if model == "knobs"
@@ -337,8 +338,8 @@ def _proposer_settings(rows: list[dict]) -> ev.ProposerSettings:
     )
 
 
-def _implementer_settings(rows: list[dict]) -> ev.ImplementerSettings:
-    model = Counter(r["executor_model"] for r in rows).most_common(1)[0][0]
+def _implementer_settings(rows: list[CheckedRow]) -> ev.ImplementerSettings:
+    model = Counter(r.executor_model for r in rows).most_common(1)[0][0]
     if model == "knobs":
         return ev.ImplementerSettings(kind="knobs")
     return ev.ImplementerSettings(kind="llm", model=model)

@@ -16,6 +16,7 @@ from rich.table import Table
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
+from groundloop.api import ranking
 from groundloop.api.store import IdeaRow, PatchRow, RunRow, SearchRow, create_tables, make_engine
 from groundloop.bus import Bus
 from groundloop.settings import Settings
@@ -56,13 +57,11 @@ def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], S
         or 0
         for table in (IdeaRow, PatchRow)
     )
-    best = session.exec(
-        select(IdeaRow)
-        .where(IdeaRow.search_id == search_id, col(IdeaRow.best_reward).is_not(None))
-        .order_by(col(IdeaRow.best_reward).desc())
-    ).first()
+    # The leader by groundloop.ranking: its mean over search-split runs, final runs excluded.
+    board = ranking.leaderboard(session, search_id, include_baseline=False)
+    best = board[0] if board else None
     done = [r for r in runs if r.completed_at is not None]
-    baseline = [r.score for r in done if r.purpose == "baseline" and r.score is not None]
+    baseline = ranking.baseline_scores(runs)
     generation = (
         search.current_generation if search and search.current_generation is not None else None
     )
@@ -71,11 +70,12 @@ def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], S
         ("generation", "baseline" if generation is None else str(generation)),
         ("ideas / patched", f"{ideas} / {patched}"),
         ("runs done / in flight", f"{len(done)} / {sum(1 for r in runs if r.status == 'running')}"),
-        ("baseline", ", ".join(f"{s:.4g}" for s in baseline) or "measuring"),
+        ("baseline (search split)", ", ".join(f"{s:.4g}" for s in baseline) or "measuring"),
         (
-            "best so far",
-            f"{best.best_score:.4g} ({(best.title or '')[:60]})"
-            if best and best.best_score is not None
+            "best so far (search split)",
+            f"{best.standing.mean_score:.4g} (mean of {best.standing.runs} "
+            f"run{'s' if best.standing.runs != 1 else ''}; {(best.idea.title or '')[:60]})"
+            if best
             else "-",
         ),
         ("model tokens / cost", f"{tokens:,} / ${cost:.4f}"),
@@ -122,7 +122,8 @@ async def watch(
 
 
 async def fetch_logs(settings: Settings, search_id: str, out_dir: Path, top: int = 5) -> None:
-    """Copy the logs of the first baseline run and the `top` best other runs into
+    """Copy the logs of the first baseline run and of the best search-split run of each of
+    the `top` leaderboard ideas (the runs the report's leaderboard links to) into
     out_dir/logs; a log that cannot be read is left out rather than failing the report."""
     from groundloop.runner.logs import read_log
 
@@ -131,12 +132,13 @@ async def fetch_logs(settings: Settings, search_id: str, out_dir: Path, top: int
         runs = session.exec(
             select(RunRow)
             .where(RunRow.search_id == search_id, col(RunRow.log_key).is_not(None))
-            .order_by(col(RunRow.reward).desc())
+            .order_by(col(RunRow.completed_at), RunRow.run_id)
         ).all()
+        leaders = {e.standing.best_run_id for e in ranking.leaderboard(session, search_id)[:top]}
     engine.dispose()
     wanted = [r for r in runs if r.purpose == "baseline"][:1] + [
-        r for r in runs if r.purpose != "baseline"
-    ][:top]
+        r for r in runs if r.run_id in leaders
+    ]
     bus = await Bus.connect(settings, "cli-report")
     try:
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from sqlmodel import Session
 from groundloop import events as ev
 from groundloop.api.store import make_engine
 from groundloop.bus import Bus
+from groundloop.cli.gpus import GpuPlan, plan_gpus
 from groundloop.cli.progress import console, fetch_logs, watch
 from groundloop.cli.report import write_report
 from groundloop.cli.search_settings import (
@@ -50,8 +51,8 @@ log = logging.getLogger(__name__)
 def default_slots(env: Environment) -> int:
     """CPU runs at once: one core is left to the implementer's pre-flight smoke runs, since
     contention would push runs toward their wall-clock cap (seen: tinygpt with 2 slots on 2
-    cores timed out runs that take ~55 s alone). GPU environments: 1 (more GPU runners are
-    separate replicas: `python -m groundloop.runner --gpus ...`)."""
+    cores timed out runs that take ~55 s alone). GPU environments: the visible GPUs divided
+    by the manifest's GPUs per run (gpus.plan_gpus), or 1 without a local runner."""
     if env.manifest.resource_class != "cpu":
         return 1
     return max(1, ((os.cpu_count() or 1) - 1) // env.manifest.resources.cpus)
@@ -76,6 +77,7 @@ async def run_services(
     slots: int,
     with_runner: bool = True,
     llm_settings: object | None = None,
+    gpus: GpuPlan | None = None,
 ) -> list[asyncio.Task]:
     """Every service as a task of this process; they still talk only through NATS."""
     from groundloop.api.service import run as projector
@@ -92,9 +94,9 @@ async def run_services(
         implementer(settings, stop, llm_settings=llm_settings),  # type: ignore[arg-type]
     ]
     if with_runner:
-        coros.append(
-            runner(settings, RunnerSettings(resource_class=resource_class, slots=slots), stop)
-        )
+        devices = {"gpus": gpus.gpus, "gpus_per_run": gpus.per_run} if gpus else {}
+        runner_settings = RunnerSettings(resource_class=resource_class, slots=slots, **devices)
+        coros.append(runner(settings, runner_settings, stop))
     return [asyncio.create_task(c) for c in coros]
 
 
@@ -107,6 +109,7 @@ async def run_search(
     report_dir: Path,
     with_runner: bool = True,
     llm_settings: object | None = None,
+    gpus: GpuPlan | None = None,
 ) -> Path | None:
     """Run the search to its end; the report folder, or None when interrupted (resumable).
     Raises SearchEndedBadly, after writing the report where there is one, when the search
@@ -135,6 +138,7 @@ async def run_search(
         slots=slots,
         with_runner=with_runner,
         llm_settings=llm_settings,
+        gpus=gpus,
     )
     try:
         ended = await watch(settings, started.search_id, stop, tasks)
@@ -244,6 +248,13 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
             bool, typer.Option(help="run a local runner (off: use remote runner replicas)")
         ] = True,
         report_dir: Annotated[Path | None, typer.Option(help="default: <data dir>/reports")] = None,
+        price: Annotated[
+            list[str] | None,
+            typer.Option(
+                help="MODEL=IN,OUT: a model's dollars per million input and output tokens "
+                "(needed for a hosted model missing from the price table; repeatable)"
+            ),
+        ] = None,
     ) -> None:
         """Run a search end to end and write its report."""
         check_strategy(strategy)
@@ -255,7 +266,9 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
             else settings
         )
         environment = Environment.load(env, settings.environments_dir)
-        slots = slots or default_slots(environment)
+        llm_settings = llm_overrides(model, model_concurrency, max_output_tokens, price)
+        gpu_plan = plan_gpus(environment, runner)
+        slots = slots or (gpu_plan.slots if gpu_plan else default_slots(environment))
         name = search_id or f"{environment.name}-{strategy.replace('_', '-')}-s{seed}"
         started = search_started_event(
             name,
@@ -277,8 +290,8 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
             samples=samples,
             revisions=revisions,
             edit_format=edit_format,
+            llm_settings=llm_settings,
         )
-        llm_settings = llm_overrides(model, model_concurrency, max_output_tokens)
         proposer = (
             f"model {model}"
             if model
@@ -298,6 +311,7 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
                         report_dir=report_dir or s.data_dir / "reports",
                         with_runner=runner,
                         llm_settings=llm_settings,
+                        gpus=gpu_plan,
                     )
                 )
 

@@ -62,6 +62,7 @@ def search_started_event(
     samples: int = 2,
     revisions: int = 2,
     edit_format: str | None = None,
+    llm_settings: object | None = None,
 ) -> ev.SearchStarted:
     proposer = (
         ev.ProposerSettings(kind="llm", model=model, ideas_per_call=ideas_per_call)
@@ -81,9 +82,7 @@ def search_started_event(
     )
     prices: dict[str, ev.ModelPrice] = {}
     if model:  # the table in force is part of the record, so costs can be audited later
-        from groundloop.llm.client import LLMSettings, price_table
-
-        prices = price_table(LLMSettings())
+        prices = checked_prices([model, implementer_model or model], llm_settings)
     return ev.SearchStarted(
         event_id=ev.stable_id(search_id, "SearchStarted"),
         search_id=search_id,
@@ -107,18 +106,50 @@ def search_started_event(
     )
 
 
+def checked_prices(models: list[str], llm_settings: object | None) -> dict[str, ev.ModelPrice]:
+    """The price table in force, with an entry for every model; exit 2 naming --price for a
+    hosted model with no price. A server on this machine is recorded at $0 and said so."""
+    from groundloop.llm.client import LLMError, LLMSettings, ModelSpec, model_price, price_table
+
+    settings = llm_settings if isinstance(llm_settings, LLMSettings) else LLMSettings()
+    try:
+        table = price_table(settings)
+        for name in dict.fromkeys(models):
+            spec = ModelSpec.parse(name)
+            price = model_price(spec, settings, table)
+            if price is not None and spec.label not in table and spec.model not in table:
+                table[spec.label] = price  # local: recorded as free, so the report shows $0
+                console.print(f"{spec.label} is a server on this machine: its calls cost $0")
+    except (LLMError, ValueError) as exc:
+        console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    return table
+
+
 def llm_overrides(
-    model: str | None, concurrency: int | None, max_output_tokens: int | None
+    model: str | None,
+    concurrency: int | None,
+    max_output_tokens: int | None,
+    prices: list[str] | None = None,
 ) -> object | None:
-    """LLMSettings (from the environment) with the command line's model limits applied;
-    None without a model (the knob proposer calls none)."""
+    """LLMSettings (from the environment) with the command line's model limits and --price
+    entries applied; None without a model (the knob proposer calls none)."""
     if not model:
         return None
     from groundloop.llm.client import LLMSettings
+    from groundloop.llm.pricing import parse_price_flag
 
-    overrides: dict[str, int] = {}
+    base = LLMSettings()
+    overrides: dict[str, object] = {}
     if concurrency is not None:
         overrides["max_concurrency"] = concurrency
     if max_output_tokens is not None:
         overrides["max_output_tokens"] = max_output_tokens
-    return LLMSettings(**overrides)  # type: ignore[arg-type]
+    try:
+        entries = dict(parse_price_flag(text) for text in prices or [])
+    except ValueError as exc:
+        console.print(f"[red]--price: {exc}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    if entries:
+        overrides["prices"] = {**base.prices, **entries}
+    return base.model_copy(update=overrides)

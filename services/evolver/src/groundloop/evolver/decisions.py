@@ -38,6 +38,7 @@ from groundloop.events import (
 from groundloop.manifest import Metric
 
 from .algorithm import exploit_share, plan_generation
+from .budget import dollar_headroom, headroom, no_room_reason
 from .state import SearchState
 from .stats import mean, mean_ci, welch_t_test
 
@@ -52,6 +53,8 @@ class EnvironmentInfo(Protocol):
     resource_class: Any  # "cpu" | "gpu1" | "gpu8"
     seeds: list[int]
     metric: Metric
+    budget: Any  # wall_seconds: a run's GPU-seconds are estimated as wall_seconds × gpus
+    resources: Any
 
 
 class Clock(Protocol):
@@ -195,6 +198,9 @@ def _baseline_phase(ctx: _Decision) -> list[Event]:
     run_ids = {seed: baseline_run_id(ctx.state.search_id, seed) for seed in seeds}
     missing = [seed for seed in seeds if run_ids[seed] not in ctx.state.runs]
     if missing:
+        room = headroom(ctx.state, ctx.env, _final_reserve(ctx) + 1)
+        if room is not None and room < len(missing):
+            return [ctx.completed(f"cannot run this search: {_too_small(ctx)}")]
         return [ctx.run_request(run_ids[seed], "baseline", seed, 0) for seed in missing]
     runs = [ctx.state.runs[run_ids[seed]] for seed in seeds]
     if not all(run.terminal for run in runs):
@@ -227,12 +233,11 @@ def _advance(ctx: _Decision, generation: int) -> list[Event]:
     if reason is not None:
         return _begin_final(ctx, reason)
     state, config = ctx.state, ctx.config
-    remaining = state.remaining_runs()
-    size = (
-        config.ideas_per_generation
-        if remaining is None
-        else min(config.ideas_per_generation, remaining)
-    )
+    size = config.ideas_per_generation
+    for room in (headroom(state, ctx.env, _final_reserve(ctx)), dollar_headroom(state)):
+        size = size if room is None else min(size, room)
+    if size <= 0:  # the next run would overshoot a budget: stop before dispatching it
+        return _begin_final(ctx, no_room_reason(state))
     beta = state.beta()
     plan = plan_generation(
         generation=generation,
@@ -283,8 +288,27 @@ def _begin_final(ctx: _Decision, reason: str) -> list[Event]:
     return _final_requests(ctx, chosen)
 
 
+def _final_reserve(ctx: _Decision) -> int:
+    """Runs the final re-evaluation may still need: top-k ideas and the baseline on each
+    final seed (baseline runs already in the log are reused)."""
+    seeds = seeds_for(ctx.env.seeds, ctx.config.final_seeds)
+    reused = sum(1 for s in seeds if _final_baseline_run_id(ctx, s) in ctx.state.runs)
+    return (ctx.config.final_top_k + 1) * len(seeds) - reused
+
+
+def _too_small(ctx: _Decision) -> str:
+    budgets = ctx.config.budgets
+    need = ctx.config.baseline_seeds + 1 + _final_reserve(ctx)
+    return (
+        f"the budget (runs: {budgets.max_runs}, GPU-hours: {budgets.gpu_hours}) cannot pay for "
+        f"the baseline, one idea and the final re-evaluation ({need} runs); raise --max-runs "
+        "or --gpu-hours, or lower --baseline-seeds, --final-top-k or --final-seeds"
+    )
+
+
 def _final_requests(ctx: _Decision, ideas: list[str]) -> list[Event]:
-    """Every final run of `ideas` and of the baseline not yet requested (idempotent)."""
+    """Every final run of `ideas` and of the baseline not yet requested (idempotent), as
+    many as the run and GPU-hour budgets still allow."""
     state, generation = ctx.state, ctx.state.current_generation or 0
     seeds = seeds_for(ctx.env.seeds, ctx.config.final_seeds)
     out: list[Event] = []
@@ -298,7 +322,8 @@ def _final_requests(ctx: _Decision, ideas: list[str]) -> list[Event]:
         run_id = _final_baseline_run_id(ctx, seed)
         if run_id not in state.runs:
             out.append(ctx.run_request(run_id, purpose, seed, generation))
-    return out
+    room = headroom(state, ctx.env)
+    return out if room is None else out[: max(room, 0)]
 
 
 def _final_phase(ctx: _Decision) -> list[Event]:
@@ -315,8 +340,11 @@ def _final_phase(ctx: _Decision) -> list[Event]:
     if missing:
         return missing
     seeds = seeds_for(ctx.env.seeds, ctx.config.final_seeds)
-    final_runs = [state.runs[reeval_run_id(state.search_id, i, s)] for i in ideas for s in seeds]
-    baseline = [state.runs[_final_baseline_run_id(ctx, s)] for s in seeds]
+    # A run the budget did not allow is not in the log; the rest are compared.
+    final_ids = [reeval_run_id(state.search_id, i, s) for i in ideas for s in seeds]
+    final_runs = [state.runs[r] for r in final_ids if r in state.runs]
+    baseline_ids = [_final_baseline_run_id(ctx, s) for s in seeds]
+    baseline = [state.runs[r] for r in baseline_ids if r in state.runs]
     if not all(run.terminal for run in final_runs + baseline):
         return []
     baseline_scores = [run.score for run in baseline if run.succeeded and run.score is not None]

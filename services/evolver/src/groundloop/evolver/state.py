@@ -38,6 +38,7 @@ from groundloop.events import (
 )
 
 from .algorithm import PastIdea
+from .budget import committed_runs, no_room_reason
 from .records import TERMINAL_IDEA_STATUSES as TERMINAL_IDEA_STATUSES
 from .records import TERMINAL_RUN_STATUSES as TERMINAL_RUN_STATUSES
 from .records import GenerationRecord as GenerationRecord
@@ -129,6 +130,10 @@ class SearchState:
             idea.status = "patch_failed"
 
     def _on_run_requested(self, event: RunRequested) -> None:
+        if event.purpose == "reeval" and self.final_reason is None:
+            # Decided before this run is counted: the budget that is spent, or else "the next
+            # generation did not fit" (a function of the log, so every replay agrees).
+            self.final_reason = self.stop_reason() or no_room_reason(self)
         if event.run_id not in self.runs:
             self.runs[event.run_id] = RunRecord(
                 event.run_id,
@@ -138,8 +143,6 @@ class SearchState:
                 event.generation,
                 event.patch_id,
             )
-        if event.purpose == "reeval" and self.final_reason is None:
-            self.final_reason = self.stop_reason() or "stopped"
 
     def _on_run_started(self, event: RunStarted) -> None:
         run = self.runs.get(event.run_id)
@@ -316,16 +319,9 @@ class SearchState:
     # ------------------------------------------------------------------ budgets
 
     def runs_committed(self) -> int:
-        """Search-phase runs done or on their way (baseline + search; the final re-evaluation
-        is a fixed protocol on top and is not charged): the run budget's meter."""
-        done = sum(1 for run in self.runs.values() if run.terminal and run.purpose != "reeval")
-        pending_baseline = sum(
-            1 for run in self.runs.values() if not run.terminal and run.purpose == "baseline"
-        )
-        pending_ideas = sum(
-            1 for idea in self.ideas.values() if idea.status in ("patched", "running")
-        )
-        return done + pending_baseline + pending_ideas
+        """Every run in the log or still to come from an open generation, re-evaluation
+        included: the run budget's meter (see budget.py)."""
+        return committed_runs(self)
 
     def remaining_runs(self) -> int | None:
         limit = self.started.config.budgets.max_runs if self.started else None

@@ -25,6 +25,11 @@ class IdeatorDeps:
     duplicate_threshold: float = 0.9  # dropping a distinct idea costs more than keeping a near one
     extra_calls: int = 2  # calls beyond ceil(count / ideas_per_call) to make up for drops
     structured: bool = True  # ask for JSON (response_format); parsing accepts any shape anyway
+    # The search's model spend so far (from its log) and the ideator's share of it, so each
+    # call can be refused before it would take the search past its dollar budget.
+    spent_usd: float = 0.0
+    ideator_calls: int = 0
+    ideator_usd: float = 0.0
 
 
 @dataclass
@@ -35,6 +40,7 @@ class Generated:
     unfilled: int = 0  # planned slots left without an idea
     rejected: int = 0  # idea-shaped texts that echoed the prompt's template
     empty_calls: int = 0  # calls that gave no parsable idea
+    budget_stop: str | None = None  # why calls stopped early: the dollar budget was reached
 
 
 def plan_slots(event: GenerationAdvanced) -> list[tuple[str, int, int, list[str]]]:

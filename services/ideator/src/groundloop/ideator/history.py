@@ -2,16 +2,17 @@
 
 A fold over the search's events (SearchStarted, IdeaProposed, PatchReady, PatchFailed,
 RunCompleted), built from `bus.events(search_id)` by the service and passed to `handle`, so
-tests build one from plain events. Ideas are ranked by mean reward (higher is better whatever
-the metric's direction); prompts show the measured score.
+tests build one from plain events. Ideas are ranked as on every other surface
+(groundloop.ranking): by the mean reward of their succeeded search-split runs; final
+re-evaluation runs are not search context. Prompts show the mean score and its run count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from statistics import fmean
 
+from groundloop import ranking
 from groundloop.events import (
     Event,
     IdeaProposed,
@@ -33,23 +34,35 @@ class IdeaRecord:
     parent_ids: list[str]
     proposer_kind: str
     patch_error: str | None = None
-    scores: list[float] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
+    # (run id, score, reward) of each succeeded search-split run: what the idea is ranked by
+    results: list[tuple[str, float, float]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # run statuses other than succeeded
 
     @property
+    def standing(self) -> ranking.Standing | None:
+        return ranking.standing(self.idea_id, self.results)
+
+    @property
+    def scores(self) -> list[float]:
+        return [score for _, score, _ in self.results]
+
+    @property
     def mean_reward(self) -> float | None:
-        return fmean(self.rewards) if self.rewards else None
+        standing = self.standing
+        return standing.mean_reward if standing else None
 
     @property
     def mean_score(self) -> float | None:
-        return fmean(self.scores) if self.scores else None
+        standing = self.standing
+        return standing.mean_score if standing else None
 
     @property
     def outcome(self) -> str:
         """One phrase for prompts: the score, or how it failed."""
-        if self.scores:
-            return f"score {self.mean_score:.6g}"
+        standing = self.standing
+        if standing is not None:
+            runs = f" (mean of {standing.runs} runs)" if standing.runs > 1 else ""
+            return f"score {standing.mean_score:.6g}{runs}"
         if self.patch_error is not None:
             return "could not be implemented"
         if self.failures:
@@ -103,19 +116,26 @@ class SearchHistory:
     def _apply_run(self, run: RunCompleted) -> None:
         idea_id = run.idea_id or (self._patch_to_idea.get(run.patch_id) if run.patch_id else None)
         record = self.ideas.get(idea_id) if idea_id else None
-        baseline = run.purpose == "baseline" or (record is not None and record.mode == "baseline")
-        if run.purpose == "reeval":
+        if not ranking.on_search_split(run.purpose):
             return  # final re-evaluations come after the search; they are not search context
+        baseline = run.purpose == "baseline" or (record is not None and record.mode == "baseline")
+        counted = ranking.RunResult(
+            idea_id,
+            run.purpose,
+            run.score,
+            run.reward,
+            run_id=run.run_id,
+            succeeded=run.status == "succeeded",
+        ).counts
         if baseline:
-            if run.status == "succeeded" and run.score is not None:
-                self.baseline_scores.append(run.score)
+            if counted:
+                self.baseline_scores.append(run.score)  # type: ignore[arg-type]
                 self.baseline_rewards.append(run.reward)
             return
         if record is None:
             return
-        if run.status == "succeeded" and run.score is not None:
-            record.scores.append(run.score)
-            record.rewards.append(run.reward)
+        if counted:
+            record.results.append((run.run_id, run.score, run.reward))  # type: ignore[arg-type]
         else:
             record.failures.append(run.status)
 
@@ -123,11 +143,11 @@ class SearchHistory:
 
     @property
     def baseline_reward(self) -> float | None:
-        return fmean(self.baseline_rewards) if self.baseline_rewards else None
+        return ranking.mean(self.baseline_rewards) if self.baseline_rewards else None
 
     @property
     def baseline_score(self) -> float | None:
-        return fmean(self.baseline_scores) if self.baseline_scores else None
+        return ranking.mean(self.baseline_scores) if self.baseline_scores else None
 
     def proposed(self) -> list[IdeaRecord]:
         """Ideas that came from a proposer (the unpatched baseline is not an idea)."""
@@ -139,8 +159,9 @@ class SearchHistory:
     def ranked(self, ids: Iterable[str] | None = None) -> list[IdeaRecord]:
         """Measured ideas among `ids` (default: all), best mean reward first."""
         pool = self.records(ids) if ids is not None else self.proposed()
-        scored = [r for r in pool if r.mean_reward is not None]
-        return sorted(scored, key=lambda r: (-r.mean_reward, r.idea_id))  # type: ignore[operator]
+        standings = {r.idea_id: r.standing for r in pool}
+        scored = [r for r in pool if standings[r.idea_id] is not None]
+        return sorted(scored, key=lambda r: ranking.rank_key(standings[r.idea_id]))  # type: ignore[arg-type]
 
     def above_baseline(self, ids: Iterable[str] | None = None) -> list[IdeaRecord]:
         base = self.baseline_reward

@@ -19,7 +19,8 @@ from groundloop.ideator.history import IdeaRecord, SearchHistory
 from groundloop.ideator.parsing import DuplicateFilter, ParsedIdea, parse_ideas_report
 from groundloop.ideator.prompts import SYSTEM, build_prompt, idea_schema, prompt_digest
 from groundloop.llm.client import LLMClient
-from groundloop.llm.pricing import add_usage
+from groundloop.llm.errors import DollarBudgetSpent
+from groundloop.llm.pricing import add_usage, check_dollar_budget
 
 # Logs under the service's name: one component to operators.
 log = logging.getLogger("groundloop.ideator.service")
@@ -61,6 +62,7 @@ class _Round:
     out: Generated
     written: list[str] = field(default_factory=list)
     unspent: Usage = field(default_factory=Usage)
+    spent_usd: float = 0.0  # every call of this generation, attributed to an idea or not
 
     def ask(
         self, prompt: str, wanted: int, thinking_budget: int | None, structured: bool
@@ -74,6 +76,7 @@ class _Round:
             response_format=idea_schema(wanted) if structured else None,
         )
         self.out.calls += 1
+        self.spent_usd += completion.usage.cost_usd
         self.unspent = add_usage(self.unspent, completion.usage)
         report = parse_ideas_report(completion.text)
         parsed = report.ideas
@@ -106,6 +109,15 @@ class _Round:
         return [(idea, digest, share) for idea, share in zip(fresh, shares, strict=True)]
 
 
+def _check_budget(deps: IdeatorDeps, started: SearchStarted, round_: _Round) -> None:
+    """Before each call: would it take the search past its dollar budget? The next call is
+    expected to cost what the ideator's calls have cost on average so far."""
+    spent_here = round_.spent_usd
+    calls = deps.ideator_calls + round_.out.calls
+    mean = (deps.ideator_usd + spent_here) / calls if calls else 0.0
+    check_dollar_budget(started.config.budgets.dollars, deps.spent_usd + spent_here, mean)
+
+
 def propose_llm(
     event: GenerationAdvanced, deps: IdeatorDeps, env: Environment, started: SearchStarted
 ) -> Generated:
@@ -132,6 +144,12 @@ def propose_llm(
                 written_this_generation=round_.written,
                 structured=deps.structured,
             )
+            try:
+                _check_budget(deps, started, round_)
+            except DollarBudgetSpent as exc:  # keep what this generation has; the evolver ends it
+                round_.out.budget_stop = str(exc)
+                log.warning("%s: %s", describe(event), exc)
+                break
             accepted += round_.ask(prompt, wanted, settings.thinking_budget, deps.structured)
         round_.out.unfilled += count - len(accepted)
         parents = [r.idea_id for r in context] if mode == "exploit" else []

@@ -41,6 +41,7 @@ from groundloop.consumer import Delivery, Reject, Retry
 from groundloop.events import (
     Event,
     GenerationAdvanced,
+    IdeaProposed,
     IdeasShortfall,
     ProposerInfo,
     SearchCompleted,
@@ -58,6 +59,7 @@ from groundloop.ideator.knobs import KnobProposer
 from groundloop.ideator.llm_proposer import propose_llm
 from groundloop.ideator.llm_proposer import split_usage as split_usage
 from groundloop.llm.client import ClientCache, LLMError, LLMSettings
+from groundloop.llm.pricing import spent_usd
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -133,7 +135,8 @@ def handle(event: Event, deps: IdeatorDeps) -> list[Event]:
                 generation=event.generation,
                 planned=planned,
                 proposed=len(result.events),
-                reason=shortfall_reason(
+                reason=result.budget_stop
+                or shortfall_reason(
                     result.calls, result.empty_calls, result.rejected, result.dropped
                 ),
             )
@@ -200,7 +203,15 @@ async def on_generation(event: Event, delivery: Delivery, ctx: IdeatorContext) -
         log.info("%s: search %s already ended (%s)", describe(event), event.search_id, ended.TYPE)
         return []
     history = SearchHistory.from_events(event.search_id, logged)
-    deps = IdeatorDeps(history=history, environment=ctx.environment, llm=ctx.clients)
+    ideas = [e for e in logged if isinstance(e, IdeaProposed)]
+    deps = IdeatorDeps(
+        history=history,
+        environment=ctx.environment,
+        llm=ctx.clients,
+        spent_usd=spent_usd(logged),
+        ideator_calls=sum(e.usage.calls for e in ideas),
+        ideator_usd=sum(e.usage.cost_usd for e in ideas),
+    )
     try:
         async with delivery.heartbeat():
             return await asyncio.to_thread(handle, event, deps)

@@ -42,6 +42,8 @@ from groundloop.events import (
     Event,
     IdeaProposed,
     ImplementerInfo,
+    PatchFailed,
+    PatchReady,
     SearchStarted,
     SearchStopped,
     Usage,
@@ -71,7 +73,8 @@ from groundloop.implementer.outcomes import STOPS_SEARCH as STOPS_SEARCH
 from groundloop.implementer.outcomes import model_failed, patch_failed, patch_ready
 from groundloop.implementer.outcomes import search_stopped as search_stopped
 from groundloop.llm.client import ClientCache, LLMError, LLMSettings
-from groundloop.llm.pricing import add_usage
+from groundloop.llm.errors import DollarBudgetSpent
+from groundloop.llm.pricing import add_usage, check_dollar_budget, spent_usd
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -153,6 +156,10 @@ def _implement_with_model(
         if exc.retryable:
             raise
         return model_failed(event, deps, exc)  # a missing key, a malformed model name
+    try:
+        check_dollar_budget(started.config.budgets.dollars, deps.spent_usd, deps.next_patch_usd)
+    except DollarBudgetSpent as exc:  # the idea fails; the evolver ends the search on budget
+        return [patch_failed(event, deps, "rejected", str(exc), 0)]
     fmt = settings.edit_format or default_edit_format(settings.model)
     prompt = build_prompt(env, event.title, event.text, fmt)
     winner, results = implement(
@@ -212,6 +219,15 @@ class ImplementerContext:
                     break
         return self.searches.get(search_id)
 
+    async def spend(self, search_id: str, started: SearchStarted | None) -> tuple[float, float]:
+        """(dollars spent by the search's model calls, mean cost of one idea's patch), read
+        from the log; only when the search has a dollar budget (it costs a replay)."""
+        if started is None or started.config.budgets.dollars is None:
+            return 0.0, 0.0
+        logged = [e async for e in self.bus.events(search_id)]
+        patches = [e.usage.cost_usd for e in logged if isinstance(e, (PatchReady, PatchFailed))]
+        return spent_usd(logged), (sum(patches) / len(patches) if patches else 0.0)
+
     def put_artifact(self, key: str, data: bytes) -> str:  # called from the handler's thread
         future = asyncio.run_coroutine_threadsafe(self.bus.put_artifact(key, data), self.loop)
         return future.result(timeout=120)
@@ -225,6 +241,7 @@ async def on_idea(event: Event, delivery: Delivery, ctx: ImplementerContext) -> 
         return []
     started = await ctx.find_search(event.search_id)
     stopped = ctx.stopped.get(event.search_id)
+    spent, next_patch = await ctx.spend(event.search_id, started)
     deps = ImplementerDeps(
         search=lambda _sid: started,
         environment=ctx.environment,
@@ -233,6 +250,8 @@ async def on_idea(event: Event, delivery: Delivery, ctx: ImplementerContext) -> 
         cache_dir=ctx.settings.data_dir / "cache",
         put_artifact=ctx.put_artifact,
         require_full_isolation=ctx.require_full_isolation,
+        spent_usd=spent,
+        next_patch_usd=next_patch,
     )
     if stopped is not None:  # the same model would fail this idea too: say so, call nothing
         return [patch_failed(event, deps, "model", f"the search was stopped: {stopped}", 0)]

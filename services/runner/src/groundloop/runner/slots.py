@@ -30,32 +30,66 @@ class RunnerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GROUNDLOOP_RUNNER_", extra="ignore")
 
-    resource_class: ResourceClass = "cpu"
+    resource_class: ResourceClass = Field(
+        default="cpu",
+        description="the resource class this runner serves (cpu, gpu1, gpu8); it binds to that class's PatchReady/RunRequested subjects",
+    )
     slots: int | None = Field(
-        default=None, ge=1
-    )  # CPU slots; GPU runners: len(gpus) / gpus_per_run
-    gpus: Annotated[list[str], NoDecode] = []  # device ids, e.g. ["0", "1", "2", "3"]
-    gpus_per_run: int = Field(default=1, ge=1)
-    backend: Literal["local", "docker", "podman", "apptainer"] = "local"
-    image: str | None = None  # container image, for the container backends
-    shutdown_grace_s: float = Field(default=30.0, ge=0)  # SIGTERM: let a run finish this long
-    runner_id: str = Field(default_factory=_default_runner_id)
-    log_chunk_bytes: int = Field(default=256 * 1024, ge=1024)
-    log_flush_s: float = Field(default=2.0, gt=0)
-    max_log_bytes: int = 64 * 1024 * 1024  # per run, in the object store; the rest is dropped
-    max_processes: int = 512
-    open_files: int = 4096
-    file_size_bytes: int = 50 * 1024**3
-    # RLIMIT_AS for CPU runs = memory_gb × this (address space exceeds resident memory: thread
-    # stacks, allocator arenas); never set for GPU runs, whose drivers reserve huge ranges.
-    address_space_factor: float | None = 3.0
-    keep_workspaces: bool = False
-    # Refuse to start unless every sandbox protection is in force on this host (bwrap, an
-    # unprivileged run uid, namespaces, the memory cgroup); the production manifests set it.
-    require_full_isolation: bool = False
-    # A root runner's runs get uid run_uid_base + slot index (one uid per slot, so runs of
-    # different slots cannot touch each other's files); None: every slot runs as 65534.
-    run_uid_base: int | None = Field(default=None, ge=0)
+        default=None, ge=1, description="CPU runs at once; GPU runners: len(gpus) / gpus_per_run"
+    )
+    gpus: Annotated[list[str], NoDecode] = Field(
+        default=[], description="GPU device ids this runner may use, e.g. 0,1,2,3"
+    )
+    gpus_per_run: int = Field(
+        default=1, ge=1, description="GPUs bound to each run (1 for grpo-math, 8 for nanogpt)"
+    )
+    backend: Literal["local", "docker", "podman", "apptainer"] = Field(
+        default="local",
+        description="how runs are started: local (bubblewrap sandbox); container backends are refused until wired",
+    )
+    image: str | None = Field(
+        default=None, description="container image, for the container backends"
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="on SIGTERM, how long a run in hand may finish before it is stopped and handed back",
+    )
+    runner_id: str = Field(
+        default_factory=_default_runner_id, description="this replica's name (default: host-pid)"
+    )
+    log_chunk_bytes: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        description="run logs are streamed to the object store in chunks of this size",
+    )
+    log_flush_s: float = Field(
+        default=2.0, gt=0, description="a partial log chunk is flushed after this many seconds"
+    )
+    max_log_bytes: int = Field(
+        default=64 * 1024 * 1024, description="per run, in the object store; the rest is dropped"
+    )
+    max_processes: int = Field(
+        default=512, description="process cap per run (pids.max / RLIMIT_NPROC)"
+    )
+    open_files: int = Field(default=4096, description="RLIMIT_NOFILE per run")
+    file_size_bytes: int = Field(default=50 * 1024**3, description="RLIMIT_FSIZE per run")
+    address_space_factor: float | None = Field(
+        default=3.0,
+        description="RLIMIT_AS for CPU runs = memory_gb x this (never for GPU runs, whose drivers reserve huge ranges); resident memory is capped by the memory cgroup",
+    )
+    keep_workspaces: bool = Field(
+        default=False, description="keep each run's workspace after it ends (debugging)"
+    )
+    require_full_isolation: bool = Field(
+        default=False,
+        description="refuse to start unless every sandbox protection is in force on this host (bwrap, an unprivileged run uid, namespaces, the memory cgroup)",
+    )
+    run_uid_base: int | None = Field(
+        default=None,
+        ge=0,
+        description="a root runner's runs get uid run_uid_base + slot index; unset: every slot runs as 65534",
+    )
 
     @field_validator("gpus", mode="before")
     @classmethod

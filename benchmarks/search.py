@@ -57,7 +57,7 @@ def one_search(
         asyncio.run(run_search(live, started, env, slots=args.slots, report_dir=root / "reports"))
     engine = make_engine(settings.resolved_db_url())
     with Session(engine) as session:
-        curve = best_so_far(session, started.search_id, env.manifest.metric.direction)
+        curve = best_so_far(session, started.search_id)
         row = session.get(SearchRow, started.search_id)
     return curve, row, time.perf_counter() - t
 
@@ -80,7 +80,7 @@ def main() -> None:
     for strategy in ("evolution", "best_of_n"):
         for seed in args.seeds:
             curve, row, seconds = one_search(env, strategy, seed, args)
-            best = [score for _, score in curve]
+            best = [p.mean_score for p in curve]
             curves.setdefault(strategy, []).append(best)
             print(
                 f"{strategy:>10} seed {seed}: best so far per generation "

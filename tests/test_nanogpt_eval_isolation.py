@@ -1,6 +1,6 @@
 """nanogpt's evaluation runs editable model code in a worker that cannot read the split.
 
-The protected evaluate.py imports train.py only in its model worker (`--model-worker`),
+The protected evaluate.py imports train.py only in its model worker (model_worker.py),
 started under a Landlock ruleset that denies the val/test shards (data.unreadable_paths())
 before the evaluator reads the split, and the evaluator is non-dumpable, so the worker cannot
 read the split from its memory either. A train.py whose import-time code tries both records

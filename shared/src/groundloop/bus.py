@@ -5,9 +5,10 @@ Subjects are `<prefix>.<search_id>.<EventType>.<key>` (see `Event.subject`), so
 `<prefix>.<search>.>` replays one search and `<prefix>.*.PatchReady.gpu1` binds runners to one
 resource class. Every publish carries `Nats-Msg-Id` = event_id, so a retried or re-derived
 event is stored once within the duplicate window (Settings.duplicate_window_s; README
-"Duplicates" says why two hours). A second stream holds dead letters; an object store holds
-run logs, large diffs and checkpoints; a KV bucket records which events each role processed.
-Everything is created idempotently by `Bus.connect`.
+"Duplicates" says why two hours). A second stream holds dead letters, a third one record per
+quarantined log entry (`groundloop.quarantine`); an object store holds run logs, large diffs
+and checkpoints; a KV bucket records which events each role processed. Everything is created
+idempotently by `Bus.connect`. Every reader decodes the log through `Bus.read`.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from nats.js.errors import (
 )
 
 from groundloop import telemetry
-from groundloop.events import Event, decode, encode
+from groundloop.events import Event, encode
+from groundloop.quarantine import KEPT_BYTES, Quarantined, read_entry
+from groundloop.quarantine import MAX_EVENT_BYTES as MAX_EVENT_BYTES
 from groundloop.settings import Settings
 
 log = logging.getLogger(__name__)
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream error code: expected-last-subject-sequence mismatch
-MAX_EVENT_BYTES = 1024 * 1024  # events stay small; logs, diffs, checkpoints go to the object store
 _TRANSIENT = (
     NatsTimeout,
     asyncio.TimeoutError,
@@ -66,6 +68,7 @@ class Bus:
         self._objects: Any = None
         self._processed: Any = None
         self._closing = {"now": False}  # shared with the disconnect callback: quiet on close
+        self._recorded: set[int] = set()  # stream seqs this process already quarantined
 
     # ------------------------------------------------------------------ connect and ensure
 
@@ -138,6 +141,14 @@ class Bus:
                 max_age=0,
             )
         )
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=self.quarantine_stream,
+                subjects=[f"{s.subject_prefix}_quarantine.>"],
+                storage=api.StorageType.FILE,
+                max_age=0,
+            )
+        )
         objects = api.ObjectStoreConfig(bucket=s.artifacts_bucket, storage=api.StorageType.FILE)
         processed = api.KeyValueConfig(
             bucket=f"{s.stream}_processed", history=1, storage=api.StorageType.FILE
@@ -193,6 +204,13 @@ class Bus:
     def dead_letter_subject(self, role: str) -> str:
         return f"{self.settings.subject_prefix}_dlq.{role}"
 
+    @property
+    def quarantine_stream(self) -> str:
+        return f"{self.settings.stream}_QUARANTINE"
+
+    def quarantine_subject(self, seq: int) -> str:
+        return f"{self.settings.subject_prefix}_quarantine.{seq}"
+
     # ------------------------------------------------------------------ publish
 
     async def publish(
@@ -236,7 +254,7 @@ class Bus:
         self, role: str, body: bytes, reason: str, headers: dict[str, str]
     ) -> None:
         """Keep a message that could not be handled, with why, on `<prefix>_dlq.<role>`."""
-        keep = body[: 256 * 1024]
+        keep = body[:KEPT_BYTES]
         meta = {
             **headers,
             "Groundloop-Reason": reason[:1000],
@@ -271,6 +289,42 @@ class Bus:
 
     # ------------------------------------------------------------------ reading the log
 
+    async def read(self, subject: str, data: bytes, seq: int) -> Event | Quarantined:
+        """The one decoding of a log entry for every reader: the event, or the entry
+        quarantined (recorded once per stream sequence, whoever reads it first)."""
+        entry = read_entry(self.settings.subject_prefix, subject, data or b"")
+        if not isinstance(entry, str):
+            return entry
+        quarantined = Quarantined(seq, subject, entry, (data or b"")[:KEPT_BYTES])
+        if seq not in self._recorded:
+            await self._record_quarantine(quarantined, len(data or b""))
+            self._recorded.add(seq)
+        return quarantined
+
+    async def _record_quarantine(self, entry: Quarantined, size: int) -> None:
+        headers = {
+            # Once per subject forever (the message id alone only dedupes within its window).
+            "Nats-Msg-Id": f"quarantine-{entry.seq}",
+            "Nats-Expected-Last-Subject-Sequence": "0",
+            "Groundloop-Reason": entry.reason[:1000],
+            "Groundloop-Subject": entry.subject,
+            "Groundloop-Stream-Seq": str(entry.seq),
+            "Groundloop-Body-Bytes": str(size),
+        }
+        published = await self._publish_raw(
+            self.quarantine_subject(entry.seq), entry.body, headers, retry_for=30.0
+        )
+        if not published.refused and not published.duplicate:
+            log.error("%s", entry)
+
+    async def read_stored(self, seq: int) -> Event | Quarantined | None:
+        """The entry at stream sequence `seq` (None when there is none, e.g. deleted)."""
+        try:
+            stored = await self.js.get_msg(self.settings.stream, seq)
+        except NotFoundError:
+            return None
+        return await self.read(stored.subject, stored.data or b"", seq)
+
     async def events(self, search_id: str | None = None, batch: int = 1000) -> AsyncIterator[Event]:
         """Replay the log in publish order (one search, or all) up to its current end."""
         async for _seq, event in self.raw_events(search_id, batch):
@@ -279,6 +333,16 @@ class Bus:
     async def raw_events(
         self, search_id: str | None = None, batch: int = 1000
     ) -> AsyncIterator[tuple[int, Event]]:
+        """(stream seq, event) in publish order; quarantined entries are skipped."""
+        async for seq, entry in self.entries(search_id, batch):
+            if not isinstance(entry, Quarantined):
+                yield seq, entry
+
+    async def entries(
+        self, search_id: str | None = None, batch: int = 1000
+    ) -> AsyncIterator[tuple[int, Event | Quarantined]]:
+        """Every entry up to the log's current end, read through `read`: for readers that
+        show garbage (`events tail`) rather than skip it."""
         subject = self.subject_filter(search_id=search_id or "*")
         sub = await self.js.pull_subscribe(
             subject,
@@ -300,7 +364,8 @@ class Bus:
                     continue
                 for msg in msgs:
                     pending = msg.metadata.num_pending
-                    yield msg.metadata.sequence.stream, decode(msg.data)
+                    seq = msg.metadata.sequence.stream
+                    yield seq, await self.read(msg.subject, msg.data, seq)
         finally:
             await sub.unsubscribe()
 
@@ -309,18 +374,37 @@ class Bus:
         return {"messages": info.state.messages, "last_seq": info.state.last_seq}
 
     async def dead_letters(self, role: str) -> list[tuple[dict[str, str], bytes]]:
-        """All dead letters of one role (for tests and `groundloop events dlq`)."""
-        out = []
-        info = await self.js.stream_info(self.settings.dlq_stream)
+        """All dead letters of one role (for tests and `groundloop events dead-letters`)."""
+        subject = self.dead_letter_subject(role)
+        return [
+            (headers, body)
+            for msg_subject, headers, body in await self._stored(self.settings.dlq_stream)
+            if msg_subject == subject
+        ]
+
+    async def quarantined(self) -> list[Quarantined]:
+        """Every quarantined log entry, in the order they were first read."""
+        return [
+            Quarantined(
+                int(headers.get("Groundloop-Stream-Seq", "0")),
+                headers.get("Groundloop-Subject", ""),
+                headers.get("Groundloop-Reason", ""),
+                body,
+            )
+            for _subject, headers, body in await self._stored(self.quarantine_stream)
+        ]
+
+    async def _stored(self, stream: str) -> list[tuple[str, dict[str, str], bytes]]:
+        out: list[tuple[str, dict[str, str], bytes]] = []
+        info = await self.js.stream_info(stream)
         if info.state.messages == 0:
             return out
         for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
             try:
-                msg = await self.js.get_msg(self.settings.dlq_stream, seq)
+                msg = await self.js.get_msg(stream, seq)
             except NotFoundError:
                 continue
-            if msg.subject == self.dead_letter_subject(role):
-                out.append((dict(msg.headers or {}), msg.data or b""))
+            out.append((msg.subject, dict(msg.headers or {}), msg.data or b""))
         return out
 
 

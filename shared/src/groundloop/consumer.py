@@ -1,6 +1,7 @@
 """The one main loop every service runs: a durable pull consumer shared by a role's replicas.
 
-fetch (only while a handler slot is free) → decode (invalid → terminate + dead-letter) →
+fetch (only while a handler slot is free) → `Bus.read` (not a valid event → quarantined once,
+terminated, dead-lettered for this role) →
 already processed by this role? ack → handle → publish outputs (deterministic ids) → record
 processed → ack. Outcomes decide the acknowledgement:
 
@@ -33,8 +34,9 @@ from nats.js import api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from groundloop import telemetry
-from groundloop.bus import MAX_EVENT_BYTES, Bus, describe
-from groundloop.events import Event, GenerationAdvanced, InvalidEvent, decode
+from groundloop.bus import Bus, describe
+from groundloop.events import Event, GenerationAdvanced
+from groundloop.quarantine import Quarantined
 
 log = logging.getLogger(__name__)
 
@@ -186,25 +188,13 @@ async def _process(
     headers = dict(msg.headers or {})
     meta = msg.metadata
     attempt = meta.num_delivered
-    try:
-        if len(msg.data) > MAX_EVENT_BYTES:
-            raise InvalidEvent(
-                f"event body is {len(msg.data):,} bytes, over the {MAX_EVENT_BYTES:,}-byte limit; "
-                "large payloads belong in the object store (put_artifact) with a key in the event"
-            )
-        event = decode(msg.data)
-    except InvalidEvent as exc:
-        log.error(
-            "%s: rejecting message %s (stream seq %d): %s",
-            role,
-            msg.subject,
-            meta.sequence.stream,
-            exc,
-        )
+    event = await bus.read(msg.subject, msg.data, meta.sequence.stream)
+    if isinstance(event, Quarantined):
+        log.error("%s: rejecting %s", role, event)
         await bus.dead_letter(
             role,
             msg.data,
-            str(exc),
+            event.reason,
             {
                 **headers,
                 "Groundloop-Subject": msg.subject,
@@ -273,9 +263,11 @@ async def _watch_exhausted(bus: Bus, role: str, on_exhausted: ExhaustedHandler |
         try:
             seq = json.loads(advisory.data)["stream_seq"]
             stored = await bus.js.get_msg(bus.settings.stream, seq)
-            event = decode(stored.data)
+            event = await bus.read(stored.subject, stored.data or b"", seq)
         except Exception as exc:
             log.error("%s: cannot read exhausted message from advisory: %r", role, exc)
+            return
+        if isinstance(event, Quarantined):  # dead-lettered when it was first delivered
             return
         reason = f"no {role} finished it in {bus.settings.max_deliver} deliveries"
         log.error("%s: %s exhausted: %s", role, describe(event), reason)

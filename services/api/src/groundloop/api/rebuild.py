@@ -1,19 +1,36 @@
 """Replay: the log is the truth; projections are rebuilt from it at will.
 
-`rebuild` drops every projection table, replays the whole stream in publish order and folds
-it again, so the tables come out identical to the live ones (every timestamp in them comes
-from events, never the clock). It is safe to interrupt and re-run.
+`rebuild` folds the whole stream, in publish order, into fresh tables in a scratch SQLite file,
+and only when the fold has finished swaps them in for the live tables in one transaction: a
+rebuild that fails or is interrupted leaves the old tables exactly as they were, and readers
+see either the old tables or the new ones, never a half-built read side. The new tables come
+out identical to the live ones (every timestamp in them comes from events, never the clock).
+Entries of the log that are not valid events are quarantined and skipped (`Bus.read`).
+
+The swap needs transactional DDL: SQLite and PostgreSQL have it; other databases are refused.
 """
 
 from __future__ import annotations
 
 import gc
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from groundloop.api.store import make_engine, reset_tables
+from sqlalchemy import Engine, insert, make_url, select
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from groundloop.api.store import PROJECTION_TABLES, create_tables, make_engine
 from groundloop.bus import Bus
 from groundloop.settings import Settings
+
+SWAPPABLE = ("sqlite", "postgresql")
+COPY_ROWS = 5000  # rows per INSERT when copying into a non-SQLite database
+
+
+class RebuildRefused(RuntimeError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -28,14 +45,45 @@ class RebuildReport:
 
 
 async def rebuild(settings: Settings, batch_size: int = 1000) -> RebuildReport:
-    """Drop the projections and fold the whole log into fresh tables."""
+    """Fold the whole log into new tables, then swap them in for the projections."""
+    url = settings.resolved_db_url()
+    backend = make_url(url).get_backend_name()
+    if backend not in SWAPPABLE:
+        raise RebuildRefused(
+            f"cannot rebuild into {backend}: swapping in the rebuilt tables needs transactional "
+            f"DDL ({', '.join(SWAPPABLE)}); point GROUNDLOOP_DB_URL at one of those"
+        )
+    target = make_engine(url)
+    try:
+        create_tables(target)  # the swap replaces tables, so they must exist (first run)
+        with tempfile.TemporaryDirectory(prefix="groundloop-rebuild-", dir=_scratch_dir(url)) as d:
+            path = Path(d) / "rebuilt.db"
+            scratch = make_engine(f"sqlite:///{path}")
+            try:
+                create_tables(scratch)
+                report = await _fold(settings, scratch, batch_size)
+            finally:
+                scratch.dispose()
+            _swap(target, path)
+    finally:
+        target.dispose()
+    return report
+
+
+def _scratch_dir(url: str) -> str | None:
+    """Next to a SQLite file (same disk, which has room for it); else the temp dir."""
+    database = make_url(url).database
+    if make_url(url).get_backend_name() == "sqlite" and database and database != ":memory:":
+        return str(Path(database).resolve().parent)
+    return None
+
+
+async def _fold(settings: Settings, engine: Engine, batch_size: int) -> RebuildReport:
     from groundloop.api.projector import (  # the read side owns the fold
         bulk_connection,
         project_batch,
     )
 
-    engine = make_engine(settings.resolved_db_url())
-    reset_tables(engine)
     bus = await Bus.connect(settings, "replay")
     started = time.perf_counter()
     seen = applied = 0
@@ -57,5 +105,60 @@ async def rebuild(settings: Settings, batch_size: int = 1000) -> RebuildReport:
     finally:
         gc.enable()
         await bus.close()
-        engine.dispose()
     return RebuildReport(seen, applied, time.perf_counter() - started)
+
+
+def _swap(target: Engine, rebuilt: Path) -> None:
+    if target.dialect.name == "sqlite":
+        _swap_sqlite(target, rebuilt)
+    else:
+        _swap_copy(target, rebuilt)
+
+
+def _swap_sqlite(target: Engine, rebuilt: Path) -> None:
+    """Replace the tables from the attached scratch file in one write transaction. Names are
+    schema-qualified: unqualified, SQLite would resolve a table missing from main to the
+    attached file's table of the same name."""
+    with target.connect() as conn:
+        conn.exec_driver_sql("ATTACH DATABASE ? AS rebuilt", (str(rebuilt),))
+        conn.commit()
+        try:
+            # pysqlite opens no transaction before DDL by itself; an explicit one makes the
+            # drops, creates and copies one atomic change (SQLite DDL is transactional).
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            for table in PROJECTION_TABLES:
+                conn.exec_driver_sql(f'DROP TABLE IF EXISTS main."{table.name}"')
+            for table in PROJECTION_TABLES:
+                conn.execute(CreateTable(table))  # unqualified CREATE goes to main
+                for index in table.indexes:
+                    conn.execute(CreateIndex(index))
+                columns = ", ".join(f'"{c.name}"' for c in table.columns)
+                conn.exec_driver_sql(
+                    f'INSERT INTO main."{table.name}" ({columns}) '
+                    f'SELECT {columns} FROM rebuilt."{table.name}"'
+                )
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            conn.exec_driver_sql("DETACH DATABASE rebuilt")
+            conn.commit()
+
+
+def _swap_copy(target: Engine, rebuilt: Path) -> None:
+    """PostgreSQL: drop, create and fill in one transaction (its DDL is transactional, and
+    readers wait on the drop's lock until the new tables are committed)."""
+    from sqlmodel import SQLModel
+
+    source = make_engine(f"sqlite:///{rebuilt}")
+    try:
+        with source.connect() as read, target.begin() as write:
+            SQLModel.metadata.drop_all(write, tables=PROJECTION_TABLES)
+            SQLModel.metadata.create_all(write, tables=PROJECTION_TABLES)
+            for table in PROJECTION_TABLES:
+                rows = read.execute(select(table)).mappings()
+                while chunk := [dict(r) for r in rows.fetchmany(COPY_ROWS)]:
+                    write.execute(insert(table), chunk)
+    finally:
+        source.dispose()

@@ -3,8 +3,8 @@
     groundloop search --env tinygpt      run a search end to end (embedded broker, all services)
     groundloop broker                    run the embedded broker in the foreground
     groundloop events tail [--search ID] [--follow]
-    groundloop events dead-letters ROLE
-    groundloop replay rebuild            drop the projections and fold the log again
+    groundloop events dead-letters [ROLE]  quarantined log entries, and a role's dead letters
+    groundloop replay rebuild            fold the log into new projections, then swap them in
     groundloop searches                  list searches from the projections
 
 With no GROUNDLOOP_NATS_URL the CLI starts (or reuses) a local nats-server with JetStream
@@ -27,6 +27,7 @@ from rich.table import Table
 from groundloop.broker import DEFAULT_PORT, BrokerError, EmbeddedBroker
 from groundloop.bus import BrokerUnavailable, Bus
 from groundloop.events import Event
+from groundloop.quarantine import Quarantined
 from groundloop.settings import Settings
 from groundloop.telemetry import configure_logging
 
@@ -68,6 +69,14 @@ ERROR_CHARS = 300  # of an error shown on one tail line; `events tail` is for sc
 def _first_line(text: str) -> str:
     line = next((part for part in text.splitlines() if part.strip()), "")
     return line if len(line) <= ERROR_CHARS else line[: ERROR_CHARS - 1] + "…"
+
+
+def format_quarantined(entry: Quarantined) -> str:
+    return f"[red]quarantined[/] seq {entry.seq} {entry.subject}: {_first_line(entry.reason)}"
+
+
+def format_entry(entry: Event | Quarantined) -> str:
+    return format_quarantined(entry) if isinstance(entry, Quarantined) else format_event(entry)
 
 
 def format_event(event: Event) -> str:
@@ -124,7 +133,8 @@ def events_tail(
         bool, typer.Option("--follow", "-f", help="keep printing new events")
     ] = False,
 ) -> None:
-    """Print the log (one search or all) in publish order."""
+    """Print the log (one search or all) in publish order; entries that are not valid
+    events are shown as quarantined."""
     settings = Settings()
     configure_logging(settings)
 
@@ -132,14 +142,14 @@ def events_tail(
         bus = await Bus.connect(s, "cli-tail")
         try:
             last = 0
-            async for seq, event in bus.raw_events(search):
-                console.print(format_event(event), highlight=False, soft_wrap=True)
+            async for seq, entry in bus.entries(search):
+                console.print(format_entry(entry), highlight=False, soft_wrap=True)
                 last = seq
             while follow:
                 await asyncio.sleep(0.5)
-                async for seq, event in bus.raw_events(search):
+                async for seq, entry in bus.entries(search):
                     if seq > last:
-                        console.print(format_event(event), highlight=False, soft_wrap=True)
+                        console.print(format_entry(entry), highlight=False, soft_wrap=True)
                         last = seq
         finally:
             await bus.close()
@@ -150,14 +160,20 @@ def events_tail(
 
 
 @events_app.command("dead-letters")
-def events_dead_letters(role: str) -> None:
-    """Show the messages a role terminated, with the reasons."""
+def events_dead_letters(
+    role: Annotated[str | None, typer.Argument(help="also this role's dead letters")] = None,
+) -> None:
+    """Show the log entries quarantined as not valid events, and the messages a role
+    terminated, with the reasons."""
     settings = Settings()
 
     async def show(s: Settings) -> None:
         bus = await Bus.connect(s, "cli-dlq")
         try:
-            for headers, body in await bus.dead_letters(role):
+            for entry in await bus.quarantined():
+                line = f"{format_quarantined(entry)} {entry.body[:200]!r}"
+                console.print(line, highlight=False, soft_wrap=True)
+            for headers, body in await bus.dead_letters(role) if role else []:
                 console.print(
                     f"[red]{headers.get('Groundloop-Reason')}[/] {body[:200]!r}", highlight=False
                 )
@@ -170,8 +186,8 @@ def events_dead_letters(role: str) -> None:
 
 @replay_app.command("rebuild")
 def replay_rebuild() -> None:
-    """Drop the projection tables and replay the whole log into them."""
-    from groundloop.api.rebuild import rebuild
+    """Replay the whole log into new projection tables and swap them in when done."""
+    from groundloop.api.rebuild import RebuildRefused, rebuild
 
     settings = Settings()
     configure_logging(settings)
@@ -179,7 +195,11 @@ def replay_rebuild() -> None:
         result: list = []
 
         async def go() -> None:
-            result.append(await rebuild(s))
+            try:
+                result.append(await rebuild(s))
+            except RebuildRefused as exc:
+                console.print(f"[red]{exc}[/]")
+                raise typer.Exit(2) from None
 
         run_async(go())
     report = result[0]
@@ -200,7 +220,13 @@ def searches() -> None:
     engine = make_engine(settings.resolved_db_url())
     create_tables(engine)
     table = Table(
-        "search", "environment", "strategy", "status", "best score", "baseline", "started"
+        "search",
+        "environment",
+        "strategy",
+        "status",
+        "best (final split)",
+        "baseline (final split)",
+        "started",
     )
     with Session(engine) as session:
         for row in session.exec(select(SearchRow).order_by(col(SearchRow.started_at))):

@@ -230,7 +230,8 @@ def _plot(
     ax.set_xlabel("search runs completed")
     ax.set_ylabel(f"{metric.name} on {metric.split}")
     ax.set_title(f"{search.environment}: {search.strategy}")
-    ax.legend()
+    if curve or baseline:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

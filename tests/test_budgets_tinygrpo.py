@@ -79,9 +79,10 @@ def test_a_policy_swapped_after_the_ledger_or_no_ledger_is_rejected(tmp_path):
 
 
 # Left behind by train.py: keeps "training" after it exits, then swaps in its own policy.
+# It waits well past the end of training (which takes seconds): the guard must kill it.
 DAEMON = (
     "    import subprocess\n"
-    '    later = ("import time, shutil; time.sleep(4); "\n'
+    '    later = ("import time, shutil; time.sleep(20); "\n'
     "             \"open('out/policy.pt', 'wb').write(b'trained for longer')\")\n"
     "    subprocess.Popen([sys.executable, '-c', later], start_new_session=True)\n"
 )

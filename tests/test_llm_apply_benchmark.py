@@ -24,7 +24,7 @@ def table_row(out: str, first_cell: str) -> list[str]:
     raise AssertionError(f"no table row starting {first_cell!r} in:\n{out}")
 
 
-def test_benchmark_prints_ideas_and_one_row_per_format(capsys):
+def test_benchmark_prints_ideas_and_one_row_per_format(capsys, tmp_path):
     config = Environment.load("synthetic").editable_sources()["config.py"]
     idea = {
         "title": "Cosine schedule",
@@ -57,10 +57,14 @@ def test_benchmark_prints_ideas_and_one_row_per_format(capsys):
                 "1",
                 "--timeout-s",
                 "30",
+                "--answers-dir",
+                str(tmp_path / "answers"),
             ]
         )
         asked = [r.body for r in server.requests]
     out = capsys.readouterr().out
+    answers = sorted(p.name for p in (tmp_path / "answers").iterdir())
+    assert answers == ["001-stop.txt", "002-stop.txt", "003-stop.txt", "004-stop.txt"]
     assert code == 0
     assert len(asked) == 4  # one ideas call, then one patch call per format (no revisions)
     assert asked[0].get("response_format", {}).get("type") == "json_schema"

@@ -1,6 +1,8 @@
 """Budget guard (protected): runs training as a child and owns its compute budget.
 
     python budget_guard.py --cpu-seconds 95 --hooks data --output out/ckpt.pt -- python train.py
+    python budget_guard.py --wall-seconds 1500 --wall-seconds-env NANOGPT_TRAIN_SECONDS \
+        --save-seconds 30 --output out/model.pt -- python -m torch.distributed.run ... train.py
 
 The manifest's entrypoint starts this process, never train.py directly. It:
 - makes itself non-dumpable (no ptrace, no /proc/<pid>/mem for same-user processes), so
@@ -10,13 +12,21 @@ The manifest's entrypoint starts this process, never train.py directly. It:
 - counts CPU seconds of the whole training tree (live processes from /proc, exited ones from
   wait4) and kills the tree once --cpu-seconds is spent: extra threads or processes buy no
   extra compute, they only spend the same budget faster;
+- owns the clock when --wall-seconds is given: the training tree must have exited within
+  wall + --save-seconds seconds of its launch, measured here, or the guard kills it and
+  records `exceeded`. --wall-seconds-env names a variable of the guard's own environment (set
+  by the operator, never by training) that overrides the wall seconds. Training is told the
+  deadline as absolute CLOCK_MONOTONIC seconds (GROUNDLOOP_GUARD_DEADLINE, and
+  GROUNDLOOP_GUARD_TRAIN_DEADLINE = the deadline less the save seconds), so an honest harness
+  stops in time; ignoring them, or patching its own clocks, changes nothing here;
 - when --hooks names a protected module with `serve(sock, seed, smoke) -> dict`, runs it in a
   thread here, on one end of a socket pair whose other end the child gets as
   GROUNDLOOP_DATA_FD (the data is served, and its budget cut, in this process); and when that
   module has `unreadable_paths() -> list[Path]`, starts the child under a Landlock ruleset
   that denies reading those files (the corpus), so the served stream is the only way in;
 - after the whole tree is dead, writes out/budget_ledger.json: CPU and wall seconds, what
-  the hooks counted, the sha256 of each --output, and `exceeded` (the reason, or null). Only
+  the hooks counted, the sha256 of each --output (a folder hashes every file in it, by
+  relative path), and `exceeded` (the reason, or null). Only
   this process writes it, last, when nothing of training is left running to rewrite it; the
   protected evaluation reads it before it loads any editable code and rejects a run whose
   ledger is missing, over budget, or does not match the checkpoint it is about to score.
@@ -32,6 +42,7 @@ import ctypes
 import hashlib
 import importlib
 import json
+import math
 import os
 import signal
 import socket
@@ -134,13 +145,54 @@ def descendants(root: int) -> dict[int, float]:
     return result
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    """Digest of a file, or of a folder's files with their relative paths; None if absent.
+    Links are hashed as their target path, so a link cannot point the evaluation elsewhere."""
+    if path.is_symlink():
+        return "link:" + os.readlink(path)
+    if path.is_file():
+        return _file_sha256(path)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*")):
+        relative = item.relative_to(path).as_posix()
+        if item.is_symlink():
+            digest.update(f"L {relative} {os.readlink(item)}\n".encode())
+        elif item.is_file():
+            digest.update(f"F {relative} {_file_sha256(item)}\n".encode())
+        elif item.is_dir():
+            digest.update(f"D {relative}\n".encode())
+    return digest.hexdigest()
+
+
+def wall_budget(seconds: float | None, variable: str | None) -> float | None:
+    """--wall-seconds, or the operator's override from this process's own environment."""
+    raw = os.environ.get(variable) if variable else None
+    if not raw:
+        return seconds
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise SystemExit(f"budget_guard: {variable}={raw!r} must be a positive number of seconds")
+    return value
 
 
 class Guard:
-    def __init__(self, cpu_seconds: float) -> None:
-        self.cpu_budget = cpu_seconds
+    def __init__(self, cpu_seconds: float | None, deadline: float | None = None) -> None:
+        self.cpu_budget = math.inf if cpu_seconds is None else cpu_seconds
+        self.deadline = math.inf if deadline is None else deadline  # time.monotonic()
+        self.wall_text = ""
         self.reaped_cpu = 0.0
         self.exceeded: str | None = None
         self.child_status: int | None = None
@@ -178,11 +230,19 @@ class Guard:
         while self.child_status is None:
             time.sleep(POLL_SECONDS)
             self.reap()
-            used = self.cpu_now()
-            if used > self.cpu_budget and self.exceeded is None:
+            if self.exceeded is not None:
+                continue
+            used = self.cpu_now() if math.isfinite(self.cpu_budget) else 0.0
+            if used > self.cpu_budget:
                 self.exceeded = (
                     f"training used {used:.1f} CPU seconds, over its budget of "
                     f"{self.cpu_budget:g} (all threads and processes of the run count)"
+                )
+                self.kill_tree()
+            elif time.monotonic() > self.deadline:
+                self.exceeded = (
+                    f"training was still running at its wall-clock deadline ({self.wall_text}, "
+                    "counted by the protected guard from launch); it was stopped"
                 )
                 self.kill_tree()
         self.kill_tree()  # whatever training left behind dies before the ledger is written
@@ -192,7 +252,10 @@ class Guard:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu-seconds", type=float, required=True)
+    parser.add_argument("--cpu-seconds", type=float, help="CPU seconds of the training tree")
+    parser.add_argument("--wall-seconds", type=float, help="wall seconds of training")
+    parser.add_argument("--wall-seconds-env", help="variable overriding --wall-seconds")
+    parser.add_argument("--save-seconds", type=float, default=0.0, help="added for saving")
     parser.add_argument("--hooks", help="protected module with serve() / unreadable_paths()")
     parser.add_argument("--output", action="append", default=[], help="file to fingerprint")
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -200,6 +263,8 @@ def main(argv: list[str]) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the training command after --")
+    if args.cpu_seconds is None and args.wall_seconds is None:
+        parser.error("give --cpu-seconds, --wall-seconds or both")
     if command[0] == "python":
         command = [sys.executable, *command[1:]]
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
@@ -227,10 +292,17 @@ def main(argv: list[str]) -> int:
         server.start()
     if ruleset is not None:
         fds = (*fds, ruleset)
-    guard = Guard(args.cpu_seconds)
+    wall = wall_budget(args.wall_seconds, args.wall_seconds_env)
     started = time.monotonic()
+    deadline = None if wall is None else started + wall + args.save_seconds
+    if deadline is not None:
+        env["GROUNDLOOP_GUARD_DEADLINE"] = repr(deadline)
+        env["GROUNDLOOP_GUARD_TRAIN_DEADLINE"] = repr(deadline - args.save_seconds)
+    guard = Guard(args.cpu_seconds, deadline)
+    if wall is not None:
+        guard.wall_text = f"{wall:g} s + {args.save_seconds:g} s to save"
     guard.run(command, ruleset, fds, env)
-    wall = time.monotonic() - started
+    wall_used = time.monotonic() - started
     if server is not None:
         theirs.close()
         server.join(timeout=5)
@@ -239,7 +311,8 @@ def main(argv: list[str]) -> int:
     ledger = {
         "cpu_seconds": round(guard.reaped_cpu, 3),
         "cpu_budget": args.cpu_seconds,
-        "wall_seconds": round(wall, 3),
+        "wall_seconds": round(wall_used, 3),
+        "wall_budget": None if wall is None else wall + args.save_seconds,
         "served": {k: v for k, v in served.items() if k != "exceeded"},
         "landlock": "unneeded"
         if hooks is None or not hasattr(hooks, "unreadable_paths")

@@ -60,7 +60,11 @@ def test_search_detail_counts_ideas_and_runs(client):
         for status in {c.status for c in completed}
     }
     assert [g["generation"] for g in detail["generations"]] == [0, 1, 2]
-    assert detail["cost_usd"] == pytest.approx(sum(i.usage.cost_usd for i in proposed))
+    spent = [*proposed, *of_type(S1, ev.PatchReady), *of_type(S1, ev.PatchFailed)]
+    assert detail["cost_usd"] == pytest.approx(sum(e.usage.cost_usd for e in spent))
+    patches = of_type(S1, ev.PatchReady)
+    assert detail["input_tokens"] == sum(e.usage.input_tokens for e in proposed + patches)
+    assert detail["output_tokens"] == sum(e.usage.output_tokens for e in proposed + patches)
 
 
 def test_ideas_and_runs_of_a_search_filter_and_page(client):

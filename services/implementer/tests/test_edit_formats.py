@@ -214,3 +214,45 @@ def test_a_truncated_answer_is_reported_as_cut_off(conversation, sources):
     result = run("whole-file", 1)
     assert result.verdict is not None and result.verdict.passed
     assert "cut off at the output-token limit (512 tokens)" in server.requests[1].last_user_text
+
+
+# Shapes a real 1.5B model wrote (benchmarks/llm_apply.py against Qwen2.5-Coder-1.5B).
+
+
+def test_a_real_change_that_kept_the_examples_comment_is_accepted_without_it(sources):
+    """The model copied `# example edit` onto its own change: the change counts, the marker
+    is dropped; only the example's own change (the comment alone) is an echo."""
+    answer = (
+        "config.py\n<<<<<<< SEARCH\nWIDTH = 32  # model width (8 .. 512)\n=======\n"
+        f"WIDTH = 128  # model width (8 .. 512)  {EXAMPLE_MARK}\n>>>>>>> REPLACE"
+    )
+    diff = extract_edit(answer, sources, "search-replace")
+    assert EXAMPLE_MARK not in diff
+    assert diff == make_diff(sources, {"config.py": changed(sources, "WIDTH = 32", "WIDTH = 128")})
+    only_marker = (
+        "config.py\n<<<<<<< SEARCH\nWIDTH = 32  # model width (8 .. 512)\n=======\n"
+        f"WIDTH = 32  # model width (8 .. 512)  {EXAMPLE_MARK}\n>>>>>>> REPLACE"
+    )
+    with pytest.raises(PatchRejected, match="repeats the example"):
+        extract_edit(only_marker, sources, "search-replace")
+
+
+def test_a_file_fenced_inside_a_repeated_description_is_the_file(sources, synthetic):
+    """The model repeated the prompt's description inside a ```python block, then the file
+    under its own header and fence: the file is what follows the inner fence."""
+    new = changed(sources, "WIDTH = 32", "WIDTH = 128").rstrip("\n")
+    answer = (
+        "```python\n"
+        f"{synthetic.manifest.description.strip()[:300]}\n\n"
+        f"## config.py (editable)\n```python\n{new}\n```\n"
+    )
+    assert extract_edit(answer, sources, "whole-file") == make_diff(
+        sources, {"config.py": new + "\n"}
+    )
+
+
+def test_the_last_answer_asks_for_no_further_format(conversation, sources):
+    server, run = conversation
+    server.enqueue(Reply(text=OLD_TEMPLATE_ECHO))
+    result = run("diff", 0)
+    assert len(server.requests) == 1 and result.formats == ["diff"]  # never asked for another

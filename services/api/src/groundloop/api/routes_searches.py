@@ -11,7 +11,8 @@ from sqlmodel import SQLModel, col, select
 
 from groundloop.api import ranking
 from groundloop.api.deps import Limit, Offset, SessionDep, search_or_404
-from groundloop.api.store import GenerationRow, IdeaRow, PatchRow, PolicyRow, RunRow, SearchRow
+from groundloop.api.store import GenerationRow, IdeaRow, PolicyRow, RunRow, SearchRow
+from groundloop.api.usage import model_usage
 
 router = APIRouter(prefix="/searches", tags=["searches"])
 
@@ -21,7 +22,9 @@ class SearchDetail(SQLModel):
     ideas_by_status: dict[str, int]
     runs_by_status: dict[str, int]
     generations: list[GenerationRow]
-    cost_usd: float
+    cost_usd: float  # every model call of the search (ideas, patches, failed patches)
+    input_tokens: int
+    output_tokens: int
     gpu_seconds: float
 
 
@@ -83,11 +86,7 @@ def get_search(search_id: str, session: SessionDep) -> SearchDetail:
         .where(GenerationRow.search_id == search_id)
         .order_by(col(GenerationRow.generation))
     ).all()
-    idea_cost = session.exec(
-        select(
-            func.coalesce(func.sum(IdeaRow.cost_usd + IdeaRow.patch_failed_cost_usd), 0.0)
-        ).where(IdeaRow.search_id == search_id)
-    ).one()
+    usage = model_usage(session, search_id)
     # coalesce(…, 0.0) is never NULL, but SQLAlchemy types it after its (nullable) first argument.
     gpu_seconds = cast(
         float,
@@ -97,18 +96,14 @@ def get_search(search_id: str, session: SessionDep) -> SearchDetail:
             )
         ).one(),
     )
-    # Ideator spend (and failed implementations') is on ideas; successful implementations' on patches.
-    patch_cost = session.exec(
-        select(func.coalesce(func.sum(PatchRow.cost_usd), 0.0)).where(
-            PatchRow.search_id == search_id
-        )
-    ).one()
     return SearchDetail(
         search=search,
         ideas_by_status=dict(ideas),
         runs_by_status=dict(runs),
         generations=list(generations),
-        cost_usd=float(idea_cost + patch_cost),
+        cost_usd=usage.cost_usd,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
         gpu_seconds=float(gpu_seconds),
     )
 

@@ -7,7 +7,7 @@ redelivery after a crash between commit and ack changes nothing.
 
 `PROJECTOR` declares the role for groundloop.skeleton; `await run(settings, stop)` serves it.
 Run alone:  python -m groundloop.api --no-http
-Rebuild from the log: `groundloop replay rebuild` (drops the tables, then `project_all`).
+Rebuild from the log: `groundloop replay rebuild` (builds the tables afresh from the log and swaps them in only when done).
 """
 
 from __future__ import annotations

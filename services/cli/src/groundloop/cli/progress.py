@@ -18,6 +18,7 @@ from sqlmodel import Session, col, select
 
 from groundloop.api import ranking
 from groundloop.api.store import IdeaRow, PatchRow, RunRow, SearchRow, create_tables, make_engine
+from groundloop.api.usage import model_usage
 from groundloop.bus import Bus
 from groundloop.settings import Settings
 
@@ -34,29 +35,8 @@ def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], S
         select(func.count()).select_from(PatchRow).where(PatchRow.search_id == search_id)
     ).one()
     runs = session.exec(select(RunRow).where(RunRow.search_id == search_id)).all()
-    cost = (
-        session.exec(
-            select(func.sum(IdeaRow.cost_usd + IdeaRow.patch_failed_cost_usd)).where(
-                IdeaRow.search_id == search_id
-            )
-        ).one()
-        or 0.0
-    )
-    cost += (
-        session.exec(
-            select(func.sum(PatchRow.cost_usd)).where(PatchRow.search_id == search_id)
-        ).one()
-        or 0.0
-    )
-    tokens = sum(
-        session.exec(
-            select(func.sum(table.input_tokens + table.output_tokens)).where(
-                table.search_id == search_id
-            )
-        ).one()
-        or 0
-        for table in (IdeaRow, PatchRow)
-    )
+    usage = model_usage(session, search_id)
+    cost, tokens = usage.cost_usd, usage.input_tokens + usage.output_tokens
     # The leader by groundloop.ranking: its mean over search-split runs, final runs excluded.
     board = ranking.leaderboard(session, search_id, include_baseline=False)
     best = board[0] if board else None

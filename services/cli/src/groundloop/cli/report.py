@@ -23,6 +23,7 @@ from sqlmodel import Session
 
 from groundloop.api import ranking
 from groundloop.api.store import IdeaRow, PatchRow, SearchRow
+from groundloop.api.usage import ModelUsage, model_usage
 from groundloop.manifest import Metric
 from groundloop.ranking import CurvePoint, Standing
 
@@ -108,7 +109,8 @@ def write_report(session: Session, search_id: str, out_dir: Path, metric: Metric
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = leaderboard(session, search_id, metric)
     baseline = baseline_scores(session, search_id)
-    _write_leaderboard(rows, out_dir, search, metric, baseline)
+    usage = model_usage(session, search_id)
+    _write_leaderboard(rows, out_dir, search, metric, baseline, usage)
     curve = best_so_far(session, search_id)
     _plot(curve, baseline, out_dir / "best_so_far.png", search, metric)
     if rows and rows[0].rank is not None:
@@ -127,6 +129,7 @@ def write_report(session: Session, search_id: str, out_dir: Path, metric: Metric
             for p in curve
         ],
         "leaderboard": [r.__dict__ for r in rows[:20]],
+        "model_usage": usage.__dict__,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return out_dir
@@ -141,6 +144,7 @@ def _write_leaderboard(
     search: SearchRow,
     metric: Metric,
     baseline: list[float],
+    usage: ModelUsage,
 ) -> None:
     with (out_dir / "leaderboard.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
@@ -164,6 +168,8 @@ def _write_leaderboard(
         f"- search split `{metric.split}`: baseline {base}, best idea {best}",
         f"- final re-evaluation on `{final_split}`: baseline {_fmt(search.baseline_score)}, "
         f"best idea {_fmt(search.best_score)}",
+        f"- model calls: {usage.input_tokens:,} input + {usage.output_tokens:,} output tokens, "
+        f"${usage.cost_usd:.4f}",
         "",
         f"Leaderboard: each idea's mean score over its succeeded runs on `{metric.split}` (runs: "
         f"how many), ranked by mean reward. Final re-evaluation runs on `{final_split}` are not "

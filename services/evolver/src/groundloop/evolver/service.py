@@ -27,19 +27,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from nats.js.errors import NotFoundError
-
 from groundloop.bus import Bus
 from groundloop.consumer import Delivery
 from groundloop.events import (
     EVENT_TYPES,
     Event,
     GenerationAdvanced,
-    InvalidEvent,
     PolicyUpdated,
-    decode,
 )
 from groundloop.execution.environment import Environment
+from groundloop.quarantine import Quarantined as QuarantinedEntry
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -152,17 +149,11 @@ class EvolverLoop:
     async def _catch_up(self, seq: int) -> None:
         """Fold every message before stream sequence `seq` not yet folded."""
         for missing in range(self.last_seq + 1, seq):
-            try:
-                stored = await self.bus.js.get_msg(self.bus.settings.stream, missing)
-                event = decode(stored.data)
-            except NotFoundError:
+            # The one reading of the log: a bad entry is quarantined once and skipped.
+            entry = await self.bus.read_stored(missing)
+            if entry is None or isinstance(entry, QuarantinedEntry):
                 continue
-            except InvalidEvent as exc:  # the consumer dead-letters it; folding skips it
-                log.warning(
-                    "evolver: skipping undecodable message at stream seq %d: %s", missing, exc
-                )
-                continue
-            self.deps.state(event.search_id).apply(event)
+            self.deps.state(entry.search_id).apply(entry)
         self.last_seq = max(self.last_seq, seq)
 
     async def tick_forever(self, stop: asyncio.Event, period: float) -> None:

@@ -148,6 +148,7 @@ def format_instructions(edit_format: EditFormat, sources: dict[str, str]) -> str
 
 _FENCE = re.compile(r"```[ \t]*(?:diff|patch|udiff)?[ \t]*\n(.*?)```", re.DOTALL)
 _ANY_FENCE = re.compile(r"^```[ \t]*([^\n`]*)\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+_INNER_FENCE = re.compile(r"^```[ \t]*([^\n`]*\S[^\n`]*)\n", re.MULTILINE)
 _ELISION = re.compile(
     r"^\s*(?:#|//)?\s*(?:\.\.\.|…)\s*$|^\s*(?:#|//).*\b(?:rest|remaining|unchanged|same as before)\b",
     re.IGNORECASE,
@@ -164,15 +165,30 @@ def _echo_reason(text: str) -> str | None:
     return None
 
 
+_MARK_AT_END = re.compile(rf"[ \t]*{re.escape(EXAMPLE_MARK)}[ \t]*$")
+
+
 def _check_example(diff: str) -> str:
-    added = [row for row in diff.split("\n") if row.startswith("+") and EXAMPLE_MARK in row]
-    if added:
+    """An answer that only makes the prompt's example change is rejected; one that makes a
+    real change and kept the example's comment on its lines is accepted without the comment
+    (small models copy the marker onto their own edits)."""
+    rows = diff.split("\n")
+    if not any(row.startswith("+") and EXAMPLE_MARK in row for row in rows):
+        return diff
+    rows = [
+        _MARK_AT_END.sub("", r) if r.startswith("+") and not r.startswith("+++") else r
+        for r in rows
+    ]
+    removed = sorted(r[1:] for r in rows if r.startswith("-") and not r.startswith("---"))
+    added = sorted(r[1:] for r in rows if r.startswith("+") and not r.startswith("+++"))
+    if removed == added:
+        marked = next(r for r in diff.split("\n") if r.startswith("+") and EXAMPLE_MARK in r)
         raise AnswerRejected(
             "your answer repeats the example from the prompt's format section (it only adds "
-            f"the comment {EXAMPLE_MARK!r}: {added[0][1:].strip()!r}); write the change the "
+            f"the comment {EXAMPLE_MARK!r}: {marked[1:].strip()!r}); write the change the "
             "idea asks for"
         )
-    return diff
+    return "\n".join(rows)
 
 
 def extract_edit(text: str, sources: dict[str, str], edit_format: EditFormat = "diff") -> str:
@@ -235,6 +251,12 @@ def parse_whole_files(text: str, sources: dict[str, str]) -> dict[str, str]:
     fences = list(_ANY_FENCE.finditer(text))
     for match in fences:
         info, body = match.group(1).strip(), match.group(2)
+        before_text = text[: match.start()]
+        inner = list(_INNER_FENCE.finditer(body))
+        if inner:  # prose (often the prompt repeated) fenced around the real file's fence
+            last = inner[-1]
+            before_text, info = body[: last.start()], last.group(1).strip()
+            body = body[last.end() :]
         if info.lower() in ("diff", "patch", "udiff") or re.search(
             r"^(?:--- a/|@@ -|<{5,9} ?SEARCH)", body, re.MULTILINE
         ):
@@ -243,7 +265,7 @@ def parse_whole_files(text: str, sources: dict[str, str]) -> dict[str, str]:
         for token in info.split():
             path = path or _header_path(token, sources, allow_new=False)
         if path is None:
-            before = text[: match.start()].rstrip("\n").split("\n")[-2:]
+            before = before_text.rstrip("\n").split("\n")[-2:]
             for line in reversed(before):
                 if line.strip():
                     path = _header_path(line, sources, allow_new=True)

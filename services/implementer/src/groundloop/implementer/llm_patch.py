@@ -220,6 +220,8 @@ def run_sample(
         out.verdict = verdict
         if verdict.passed:
             return out
+        if revision == revisions:  # the last answer: nothing to switch to or feed back
+            break
         log.info(
             "sample %d revision %d (%s): %s failed: %s",
             sample,

@@ -194,12 +194,35 @@ def test_a_model_idea_past_the_dollar_budget_calls_no_model(tmp_path, synthetic,
     started = started.model_copy(
         update={"config": started.config.model_copy(update={"budgets": budgets})}
     )
-    deps = make_deps(tmp_path, synthetic, started, server, spent_usd=0.9, next_patch_usd=0.2)
+    deps = make_deps(tmp_path, synthetic, started, server, spent_usd=0.9, next_call_usd=0.2)
     [failed] = handle(an_idea(search_id="budget-s"), deps)
     assert isinstance(failed, ev.PatchFailed) and failed.stage == "rejected"
     assert "dollar budget spent" in failed.last_error and not server.requests
     # With room for the next patch the same idea goes to the model.
     server.enqueue(Reply(text="no diff here"))
-    deps = make_deps(tmp_path, synthetic, started, server, spent_usd=0.5, next_patch_usd=0.2)
+    deps = make_deps(tmp_path, synthetic, started, server, spent_usd=0.5, next_call_usd=0.2)
     handle(an_idea(search_id="budget-s"), deps)
     assert server.requests
+
+
+def test_each_model_call_of_an_idea_is_checked_against_the_dollar_budget(
+    tmp_path, synthetic, server
+):
+    """$1 per token for gpt-4o here: each scripted call (100 + 50 tokens) costs $150. With
+    $400 left, two calls are made (the third would be expected to pass the budget) and the
+    idea is rejected saying so, although it had revisions left."""
+    prices = {"openai:gpt-4o": ev.ModelPrice(input_per_mtok=1e6, output_per_mtok=1e6)}
+    settings = ev.ImplementerSettings(kind="llm", model="openai:gpt-4o", samples=1, revisions=3)
+    started = started_for(synthetic, settings, "budget-c", prices=prices)
+    budgets = started.config.budgets.model_copy(update={"dollars": 400.0})
+    started = started.model_copy(
+        update={"config": started.config.model_copy(update={"budgets": budgets})}
+    )
+    server.responder = lambda request: Reply(text=f"no patch {len(server.requests)}")
+    [failed] = handle(
+        an_idea(search_id="budget-c"), make_deps(tmp_path, synthetic, started, server)
+    )
+    assert len(server.requests) == 2
+    assert isinstance(failed, ev.PatchFailed) and failed.stage == "rejected"
+    assert "dollar budget spent: $300.0000 of $400.0000" in failed.last_error
+    assert failed.usage.cost_usd == 300.0

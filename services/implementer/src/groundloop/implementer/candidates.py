@@ -36,10 +36,10 @@ class ImplementerDeps:
     inline_limit: int = INLINE_DIFF_BYTES
     # Pre-flight smoke runs refuse to start (IsolationUnavailable) with any sandbox gap.
     require_full_isolation: bool = False
-    # The search's model spend so far (from its log) and what one idea's patch has cost on
-    # average, so a model idea is refused before it would take the search past its budget.
+    # The search's model spend so far (from its log) and what one implementer call has cost on
+    # average, so no call is made that would take the search past its dollar budget.
     spent_usd: float = 0.0
-    next_patch_usd: float = 0.0
+    next_call_usd: float = 0.0
 
 
 @dataclass(frozen=True)

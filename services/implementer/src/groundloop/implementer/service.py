@@ -56,6 +56,7 @@ from groundloop.execution.bubblewrap import (
     require_full_isolation,
 )
 from groundloop.execution.environment import Environment
+from groundloop.implementer.budgeted import BudgetedClient
 from groundloop.implementer.candidates import INLINE_DIFF_BYTES as INLINE_DIFF_BYTES
 from groundloop.implementer.candidates import PRODUCER as PRODUCER
 from groundloop.implementer.candidates import Candidate as Candidate
@@ -156,10 +157,13 @@ def _implement_with_model(
         if exc.retryable:
             raise
         return model_failed(event, deps, exc)  # a missing key, a malformed model name
+    budget = started.config.budgets.dollars
     try:
-        check_dollar_budget(started.config.budgets.dollars, deps.spent_usd, deps.next_patch_usd)
+        check_dollar_budget(budget, deps.spent_usd, deps.next_call_usd)
     except DollarBudgetSpent as exc:  # the idea fails; the evolver ends the search on budget
         return [patch_failed(event, deps, "rejected", str(exc), 0)]
+    if budget is not None:  # every further call is checked too (samples × revisions)
+        client = BudgetedClient(client, budget, deps.spent_usd, deps.next_call_usd)
     fmt = settings.edit_format or default_edit_format(settings.model)
     prompt = build_prompt(env, event.title, event.text, fmt)
     winner, results = implement(
@@ -176,6 +180,9 @@ def _implement_with_model(
     if winner is not None:
         info = ImplementerInfo(kind="llm", model=client.spec.label)
         return [patch_ready(event, deps, env, winner.verdict.result, attempts, info, usage)]  # type: ignore[union-attr, arg-type]
+    spent = [r.model_error for r in results if isinstance(r.model_error, DollarBudgetSpent)]
+    if spent and winner is None:
+        return [patch_failed(event, deps, "rejected", str(spent[0]), attempts, usage)]
     if attempts == 0:  # no answer at all: the provider is down or refuses us
         errors = [r.model_error for r in results if r.model_error is not None]
         if errors and all(e.retryable for e in errors):
@@ -220,13 +227,14 @@ class ImplementerContext:
         return self.searches.get(search_id)
 
     async def spend(self, search_id: str, started: SearchStarted | None) -> tuple[float, float]:
-        """(dollars spent by the search's model calls, mean cost of one idea's patch), read
+        """(dollars spent by the search's model calls, mean cost of one implementer call), read
         from the log; only when the search has a dollar budget (it costs a replay)."""
         if started is None or started.config.budgets.dollars is None:
             return 0.0, 0.0
         logged = [e async for e in self.bus.events(search_id)]
-        patches = [e.usage.cost_usd for e in logged if isinstance(e, (PatchReady, PatchFailed))]
-        return spent_usd(logged), (sum(patches) / len(patches) if patches else 0.0)
+        patches = [e.usage for e in logged if isinstance(e, (PatchReady, PatchFailed))]
+        calls = sum(u.calls for u in patches)
+        return spent_usd(logged), (sum(u.cost_usd for u in patches) / calls if calls else 0.0)
 
     def put_artifact(self, key: str, data: bytes) -> str:  # called from the handler's thread
         future = asyncio.run_coroutine_threadsafe(self.bus.put_artifact(key, data), self.loop)
@@ -241,7 +249,7 @@ async def on_idea(event: Event, delivery: Delivery, ctx: ImplementerContext) -> 
         return []
     started = await ctx.find_search(event.search_id)
     stopped = ctx.stopped.get(event.search_id)
-    spent, next_patch = await ctx.spend(event.search_id, started)
+    spent, next_call = await ctx.spend(event.search_id, started)
     deps = ImplementerDeps(
         search=lambda _sid: started,
         environment=ctx.environment,
@@ -251,7 +259,7 @@ async def on_idea(event: Event, delivery: Delivery, ctx: ImplementerContext) -> 
         put_artifact=ctx.put_artifact,
         require_full_isolation=ctx.require_full_isolation,
         spent_usd=spent,
-        next_patch_usd=next_patch,
+        next_call_usd=next_call,
     )
     if stopped is not None:  # the same model would fail this idea too: say so, call nothing
         return [patch_failed(event, deps, "model", f"the search was stopped: {stopped}", 0)]

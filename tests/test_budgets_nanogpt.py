@@ -11,15 +11,13 @@ guard's); swap the checkpoint after the ledger, or run without the guard (reject
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from groundloop.execution.applier import make_diff
-from groundloop.execution.environment import Environment, execute
+from groundloop.execution.environment import Environment
+from tests.budget_support import evaluate, patched, smoke_run
 from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -43,29 +41,11 @@ DAEMON = """
 """
 
 
-def patched(code: str) -> str:
-    source = ENV.editable_sources()["train.py"]
-    assert source.count(MAIN) == 1, "the baseline train.py changed; update this test"
-    return make_diff({"train.py": source}, {"train.py": source.replace(MAIN, MAIN + code)})
-
-
-def smoke_run(tmp: Path, diff: str, extra_env: dict[str, str] | None = None):
-    made = ENV.materialize(tmp / "ws", diff)
-    result = execute(
-        ENV,
-        made.path,
-        seed=0,
-        run_dir=tmp / "run",
-        cache_dir=tmp / "cache",
-        smoke=True,
-        extra_env=extra_env,
-    )
-    return made.path, result, json.loads((made.path / "out/budget_ledger.json").read_text())
-
-
 def test_training_past_the_clock_with_the_timer_reset_is_stopped_and_rejected(tmp_path):
     # Deadline: 4 s (the operator's override, read by the guard only) + 10 s to save.
-    _, result, ledger = smoke_run(tmp_path, patched(PAST_THE_CLOCK), {"NANOGPT_TRAIN_SECONDS": "4"})
+    _, result, ledger = smoke_run(
+        ENV, tmp_path, patched(ENV, MAIN, PAST_THE_CLOCK), {"NANOGPT_TRAIN_SECONDS": "4"}
+    )
     assert "wall-clock deadline" in ledger["exceeded"]
     assert ledger["wall_budget"] == 14 and ledger["wall_seconds"] < 25
     assert result.outcome.status == "rejected"
@@ -73,24 +53,13 @@ def test_training_past_the_clock_with_the_timer_reset_is_stopped_and_rejected(tm
 
 
 def test_a_daemon_left_to_keep_training_is_killed_and_its_checkpoint_never_scored(tmp_path):
-    workspace, result, ledger = smoke_run(tmp_path, patched(DAEMON))
+    workspace, result, ledger = smoke_run(ENV, tmp_path, patched(ENV, MAIN, DAEMON))
     assert result.outcome.status == "succeeded", result.outcome.reason
     assert ledger["exceeded"] is None and ledger["wall_seconds"] <= ledger["wall_budget"]
     assert (workspace / "out/model.pt").read_bytes() != b"trained for longer"
     assert result.outcome.metrics["train_seconds"] == ledger["wall_seconds"]  # guard's clock
     leftovers = subprocess.run(["pgrep", "-f", "trained for longer"], capture_output=True)
     assert leftovers.stdout == b"", "the guard left a process of the run alive"
-
-
-def evaluate(workspace: Path, tmp: Path) -> tuple[int, dict]:
-    metrics = tmp / "metrics.json"
-    done = subprocess.run(
-        [sys.executable, "evaluate.py"],
-        cwd=workspace,
-        env={**os.environ, "GROUNDLOOP_METRICS_OUT": str(metrics), "GROUNDLOOP_SMOKE": "1"},
-        timeout=60,
-    )
-    return done.returncode, json.loads(metrics.read_text())
 
 
 def test_a_checkpoint_swapped_after_the_ledger_or_a_run_without_the_guard_is_rejected(tmp_path):

@@ -12,15 +12,13 @@ processes) is stopped by the guard and rejected by the evaluation.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from groundloop.execution.applier import make_diff
 from groundloop.execution.environment import Environment, execute
+from tests.budget_support import evaluate, run_guard
 from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -113,13 +111,6 @@ def test_model_code_imported_by_the_evaluation_cannot_read_the_eval_split(attack
     assert "ATTACK eval split=denied PermissionError" in evaluate_log
 
 
-def run_guard(workspace: Path, cpu_seconds: float, code: str) -> dict:
-    command = [sys.executable, "budget_guard.py", "--cpu-seconds", str(cpu_seconds)]
-    command += ["--output", "out/ckpt.pt", "--", "python", "-c", code]
-    subprocess.run(command, cwd=workspace, check=True, timeout=60)
-    return json.loads((workspace / "out" / "budget_ledger.json").read_text())
-
-
 # Busy-loops in this process, a thread and a daemonised grandchild: the spend of all counts.
 BURN = """
 import os, subprocess, sys, threading, time
@@ -134,32 +125,20 @@ exec(burn)
 
 def test_extra_threads_and_processes_spend_the_cpu_budget_and_are_rejected(tmp_path):
     made = ENV.materialize(tmp_path / "ws")
-    ledger = run_guard(made.path, 1.5, BURN)
+    ledger = run_guard(made.path, 1.5, "out/ckpt.pt", BURN)
     assert ledger["exceeded"] and "CPU seconds" in ledger["exceeded"]
     assert ledger["cpu_seconds"] >= 1.5
     leftovers = subprocess.run(["pgrep", "-f", "while True: pass"], capture_output=True)
     assert leftovers.stdout == b"", "the guard left a process of the run alive"
-    metrics = tmp_path / "metrics.json"
-    done = subprocess.run(
-        [sys.executable, "evaluate.py"],
-        cwd=made.path,
-        env={**os.environ, "GROUNDLOOP_METRICS_OUT": str(metrics), "GROUNDLOOP_SMOKE": "1"},
-        timeout=60,
-    )
-    assert done.returncode == 3
-    assert "exceeded its compute budget" in json.loads(metrics.read_text())["rejected"]
+    code, metrics = evaluate(made.path, tmp_path)
+    assert code == 3
+    assert "exceeded its compute budget" in metrics["rejected"]
 
 
 def test_an_evaluation_without_the_guards_ledger_is_rejected(tmp_path):
     made = ENV.materialize(tmp_path / "ws")
     (made.path / "out").mkdir()
     (made.path / "out" / "ckpt.pt").write_bytes(b"not from a guarded run")
-    metrics = tmp_path / "metrics.json"
-    done = subprocess.run(
-        [sys.executable, "evaluate.py"],
-        cwd=made.path,
-        env={**os.environ, "GROUNDLOOP_METRICS_OUT": str(metrics), "GROUNDLOOP_SMOKE": "1"},
-        timeout=60,
-    )
-    assert done.returncode == 3
-    assert "no budget ledger" in json.loads(metrics.read_text())["rejected"]
+    code, metrics = evaluate(made.path, tmp_path)
+    assert code == 3
+    assert "no budget ledger" in metrics["rejected"]

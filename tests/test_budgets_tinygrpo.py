@@ -10,38 +10,18 @@ ledger is written; a policy swapped after the ledger, or a run without one, is r
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from groundloop.execution.applier import make_diff
 from groundloop.execution.environment import Environment, execute
+from tests.budget_support import evaluate, run_guard
 from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 ENV = Environment.load("tinygrpo", REPO_ROOT / "environments")
-
-
-def guard(workspace: Path, cpu_seconds: float, code: str) -> dict:
-    command = [sys.executable, "budget_guard.py", "--cpu-seconds", str(cpu_seconds)]
-    command += ["--output", "out/policy.pt", "--", "python", "-c", code]
-    subprocess.run(command, cwd=workspace, check=True, timeout=60)
-    return json.loads((workspace / "out" / "budget_ledger.json").read_text())
-
-
-def evaluate(workspace: Path, tmp: Path) -> tuple[int, dict]:
-    metrics = tmp / "metrics.json"
-    done = subprocess.run(
-        [sys.executable, "evaluate.py"],
-        cwd=workspace,
-        env={**os.environ, "GROUNDLOOP_METRICS_OUT": str(metrics), "GROUNDLOOP_SMOKE": "1"},
-        timeout=60,
-    )
-    return done.returncode, json.loads(metrics.read_text())
 
 
 BURN = """
@@ -58,7 +38,7 @@ exec(burn)
 
 def test_threads_and_daemons_spend_the_cpu_budget_and_are_rejected(tmp_path):
     made = ENV.materialize(tmp_path / "ws")
-    ledger = guard(made.path, 1.5, BURN)
+    ledger = run_guard(made.path, 1.5, "out/policy.pt", BURN)
     assert "CPU seconds" in ledger["exceeded"] and ledger["cpu_seconds"] >= 1.5
     assert subprocess.run(["pgrep", "-f", "while True: pass"], capture_output=True).stdout == b""
     code, metrics = evaluate(made.path, tmp_path)
@@ -68,7 +48,7 @@ def test_threads_and_daemons_spend_the_cpu_budget_and_are_rejected(tmp_path):
 def test_a_policy_swapped_after_the_ledger_or_no_ledger_is_rejected(tmp_path):
     made = ENV.materialize(tmp_path / "ws")
     save = "import os; os.makedirs('out', exist_ok=True); open('out/policy.pt', 'wb').write(b'a')"
-    ledger = guard(made.path, 30, save)
+    ledger = run_guard(made.path, 30, "out/policy.pt", save)
     assert ledger["exceeded"] is None and ledger["outputs"]["out/policy.pt"]
     (made.path / "out" / "policy.pt").write_bytes(b"trained for longer elsewhere")
     code, metrics = evaluate(made.path, tmp_path)

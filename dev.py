@@ -32,7 +32,7 @@ STAMP = VENV / ".groundloop-installed"
 TORCH = "torch==2.13.0"
 CONSTRAINTS = ROOT / "constraints.txt"
 DEV_REQUIREMENTS = ROOT / "requirements-dev.txt"
-# Workspace members and the extras a developer wants. rl-trainer is installed once it has code.
+# Workspace members and the extras a developer wants.
 MEMBERS = [
     "shared[llm,otlp]",
     "services/api[postgres]",
@@ -40,6 +40,7 @@ MEMBERS = [
     "services/ideator",
     "services/implementer[grpo-math]",
     "services/runner[grpo-math]",
+    "services/rl-trainer",
     "services/cli",
 ]
 

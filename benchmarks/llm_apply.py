@@ -31,10 +31,10 @@ from typing import Any
 
 from groundloop.events import Usage
 from groundloop.execution.environment import Environment
-from groundloop.ideator.parsing import ParsedIdea, parse_ideas_report
-from groundloop.ideator.prompts import SYSTEM as IDEATOR_SYSTEM
-from groundloop.ideator.prompts import build_prompt as idea_prompt
-from groundloop.ideator.prompts import idea_schema
+from groundloop.llm.idea_parsing import ParsedIdea, parse_ideas_report
+from groundloop.llm.idea_prompts import SYSTEM as IDEATOR_SYSTEM
+from groundloop.llm.idea_prompts import build_prompt as idea_prompt
+from groundloop.llm.idea_prompts import idea_schema
 from groundloop.implementer.candidates import (
     ImplementerDeps,
     check_candidate,

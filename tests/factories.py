@@ -28,6 +28,7 @@ def search_started(
     implementer: ev.ImplementerSettings | None = None,
     price_table: dict[str, ev.ModelPrice] | None = None,
     occurred_at: datetime | None = None,
+    rl: ev.RLSettings | None = None,
     **config: object,
 ) -> ev.SearchStarted:
     """A search's first event; `config` overrides SearchConfig fields (2 generations of 3)."""
@@ -45,6 +46,7 @@ def search_started(
         implementer=implementer or ev.ImplementerSettings(kind="knobs"),
         price_table=price_table or {},
         seed=seed,
+        rl=rl,
         **extra,
     )
 

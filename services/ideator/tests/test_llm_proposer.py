@@ -10,7 +10,7 @@ import pytest
 from groundloop import events as ev
 from groundloop.execution.environment import Environment
 from groundloop.ideator.history import SearchHistory
-from groundloop.ideator.parsing import DuplicateFilter, parse_ideas
+from groundloop.llm.idea_parsing import DuplicateFilter, parse_ideas
 from groundloop.ideator.service import IdeatorDeps, propose, split_usage
 from groundloop.llm.client import ClientCache, LLMSettings, MissingAPIKey
 from groundloop.llm.pricing import add_usage

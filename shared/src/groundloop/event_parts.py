@@ -74,12 +74,40 @@ class ImplementerSettings(Record):
     edit_format: Literal["diff", "search-replace", "whole-file"] | None = None
 
 
+class RLSettings(Record):
+    """How the rl-trainer learns, for strategies "rl" and "hybrid" (GRPO from execution
+    reward: one policy step per generation, the group = the generation's policy slots)."""
+
+    # None: the offline knob language model (CPU, no weights downloaded); "hf:<path>": a
+    # Hugging Face causal LM from a local folder or the local cache, trained with LoRA.
+    policy: str | None = None
+    share: float = Field(default=0.5, gt=0.0, le=1.0)  # hybrid: share of slots the policy writes
+    learning_rate: float = Field(default=3e-4, gt=0.0)
+    kl_coef: float = Field(default=0.04, ge=0.0)
+    clip_eps: float = Field(default=0.2, gt=0.0)
+    inner_steps: int = Field(default=2, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)
+    max_new_tokens: int = Field(default=48, ge=1)
+    lora_rank: int = Field(default=8, ge=0)
+    warmup_steps: int = Field(default=150, ge=0)  # supervised warm-up before step 0
+    warm_start_from: str | None = None  # a recorded search whose ideas seed the policy
+    # Anti-collapse (all off by default: the paper's plain GRPO).
+    novelty_bonus: float = Field(default=0.0, ge=0.0)
+    length_bonus: float = Field(default=0.0, ge=0.0)
+    length_cap: int = Field(default=64, ge=1)
+    past_in_context: int = Field(default=0, ge=0)  # past ideas with rewards shown in the prompt
+    collapse_threshold: float = Field(default=0.5, ge=0.0, le=1.0)  # distinct-idea fraction
+    collapse_steps: int = Field(default=3, ge=1)
+
+
 class GenerationPlan(Record):
-    """How generation g's ideas are split, and which past ideas each mode sees as context."""
+    """How generation g's ideas are split, and which past ideas each mode sees as context.
+    `rl` slots are written by the rl-trainer's policy, the others by the ideator."""
 
     fresh: int = 0
     explore: int = 0
     exploit: int = 0
+    rl: int = 0  # GenerationAdvanced v2
     exploit_context_ids: list[str] = []
     explore_context_ids: list[str] = []
 

@@ -39,6 +39,7 @@ from groundloop.event_parts import ProposerInfo as ProposerInfo
 from groundloop.event_parts import ProposerSettings as ProposerSettings
 from groundloop.event_parts import Provenance as Provenance
 from groundloop.event_parts import Record as Record
+from groundloop.event_parts import RLSettings as RLSettings
 from groundloop.event_parts import Scored as Scored
 from groundloop.event_parts import SearchConfig as SearchConfig
 from groundloop.event_parts import Totals as Totals
@@ -113,10 +114,11 @@ class SearchStarted(Event):
     the baseline and opens generation 0), the ideator and implementer (settings), projector."""
 
     type: Literal["SearchStarted"] = "SearchStarted"
-    version: Literal[2] = 2  # v2: implementer.edit_format (v1 payloads lift unchanged)
+    # v2: implementer.edit_format; v3: strategy "hybrid" and `rl` (older payloads lift unchanged)
+    version: Literal[3] = 3
     environment: str
     environment_digest: str
-    strategy: Literal["evolution", "best_of_n", "rl"]
+    strategy: Literal["evolution", "best_of_n", "rl", "hybrid"]
     config: SearchConfig
     proposer: ProposerSettings
     implementer: ImplementerSettings
@@ -124,6 +126,7 @@ class SearchStarted(Event):
     seed: int = 0
     forked_from: str | None = None  # search id, when this search is a fork
     forked_generation: int | None = None
+    rl: RLSettings | None = None  # strategies "rl" and "hybrid"
 
 
 class GenerationAdvanced(Event):
@@ -131,7 +134,7 @@ class GenerationAdvanced(Event):
     sequence 0). Consumed by the ideator, which writes the planned ideas; and the projector."""
 
     type: Literal["GenerationAdvanced"] = "GenerationAdvanced"
-    version: Literal[1] = 1
+    version: Literal[2] = 2  # v2: plan.rl (v1 payloads lift unchanged: no policy slots)
     generation: int = Field(ge=0)
     plan: GenerationPlan
     previous: GenerationSummary | None = None
@@ -306,8 +309,8 @@ class SearchStopped(Event):
     with `reason`) and the projector (status "stopped"). Subject key: `stage`."""
 
     type: Literal["SearchStopped"] = "SearchStopped"
-    version: Literal[1] = 1
-    stage: Literal["ideator", "implementer", "evolver", "runner", "user"]
+    version: Literal[2] = 2  # v2: stage "rl-trainer" (v1 payloads lift unchanged)
+    stage: Literal["ideator", "implementer", "evolver", "runner", "rl-trainer", "user"]
     reason: str
     error_type: str | None = None  # e.g. "LLMUnreachable", "ModelNotServed"
 
@@ -316,18 +319,36 @@ class SearchStopped(Event):
 
 
 class PolicyUpdated(Event):
-    """Emitted by the rl-trainer after each policy update. Consumed by the ideator (which
-    proposer version is live) and the projector."""
+    """Emitted by the rl-trainer exactly once per policy step (subject key: the step,
+    published with the once-per-subject guard): step s trained on generation `generation`'s
+    group and produced `policy_version` = s + 1, stored at `checkpoint_key` in the object
+    store. Rewards are the runs' search rewards (0 for a failed, rejected or timed-out run, or
+    a patch that failed); `shaped_mean_reward` adds the anti-collapse bonuses. Consumed by the
+    rl-trainer itself (resume), the evolver (no decision) and the projector (RL curves)."""
 
     type: Literal["PolicyUpdated"] = "PolicyUpdated"
-    version: Literal[1] = 1
+    version: Literal[2] = 2  # v2: generation, digest, group measures (v1 lifts with defaults)
     policy_version: int
     step: int
     checkpoint_key: str | None = None
     mean_reward: float
     max_reward: float
-    diversity: float | None = None
+    diversity: float | None = None  # 1 − mean pairwise similarity of the group's ideas
     kl: float | None = None
+    generation: int | None = None
+    checkpoint_digest: str | None = None  # sha256 of the checkpoint bytes
+    loss: float | None = None
+    group_size: int = 0
+    rewards: list[float] = []
+    shaped_mean_reward: float | None = None
+    distinct_fraction: float | None = None
+    mean_similarity: float | None = None
+    valid_fraction: float | None = None  # ideas that parsed into something executable
+    mean_completion_tokens: float | None = None
+    collapsed: bool = False  # distinct fraction below the threshold for k steps in a row
+
+    def subject_key(self) -> str:
+        return str(self.step)
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -367,12 +388,21 @@ schema_path = _CODEC.schema_path
 write_schemas = _CODEC.write_schemas
 
 
-def _search_started_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
-    """v2 added the optional implementer.edit_format; a v1 search chose it by model."""
-    return {**payload, "version": 2}
+def _lift_unchanged(version: int):
+    """An upcaster for a version that only added optional fields or literal values."""
+
+    def lift(payload: dict[str, Any]) -> dict[str, Any]:
+        return {**payload, "version": version}
+
+    return lift
 
 
-UPCASTERS[("SearchStarted", 1)] = _search_started_v1_to_v2
+# SearchStarted v2 added the optional implementer.edit_format (a v1 search chose it by model).
+UPCASTERS[("SearchStarted", 1)] = _lift_unchanged(2)
+UPCASTERS[("SearchStarted", 2)] = _lift_unchanged(3)
+UPCASTERS[("GenerationAdvanced", 1)] = _lift_unchanged(2)
+UPCASTERS[("SearchStopped", 1)] = _lift_unchanged(2)
+UPCASTERS[("PolicyUpdated", 1)] = _lift_unchanged(2)
 
 
 def is_valid_search_id(search_id: str) -> bool:

@@ -134,6 +134,16 @@ def _policy_updated(rows: Rows, e: ev.PolicyUpdated, at: datetime) -> None:
         max_reward=e.max_reward,
         diversity=e.diversity,
         kl=e.kl,
+        generation=e.generation,
+        checkpoint_digest=e.checkpoint_digest,
+        loss=e.loss,
+        group_size=e.group_size,
+        shaped_mean_reward=e.shaped_mean_reward,
+        distinct_fraction=e.distinct_fraction,
+        mean_similarity=e.mean_similarity,
+        valid_fraction=e.valid_fraction,
+        mean_completion_tokens=e.mean_completion_tokens,
+        collapsed=e.collapsed,
     )
     key = (e.search_id, e.policy_version)
     row = rows.get(PolicyRow, key)

@@ -55,7 +55,8 @@ async def rebuild(settings: Settings, batch_size: int = 1000) -> RebuildReport:
         )
     target = make_engine(url)
     try:
-        create_tables(target)  # the swap replaces tables, so they must exist (first run)
+        # The swap replaces the tables (even ones of an older layout), so they must exist.
+        create_tables(target, outdated_ok=True)
         with tempfile.TemporaryDirectory(prefix="groundloop-rebuild-", dir=_scratch_dir(url)) as d:
             path = Path(d) / "rebuilt.db"
             scratch = make_engine(f"sqlite:///{path}")

@@ -21,7 +21,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, Engine, create_engine, event, make_url, select
+from sqlalchemy import JSON, DateTime, Engine, create_engine, event, inspect, make_url, select
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -241,6 +241,17 @@ class PolicyRow(SQLModel, table=True):
     max_reward: float
     diversity: float | None = None
     kl: float | None = None
+    # PolicyUpdated v2: the group's measures, for the RL curves.
+    generation: int | None = None
+    checkpoint_digest: str | None = None
+    loss: float | None = None
+    group_size: int = 0
+    shaped_mean_reward: float | None = None
+    distinct_fraction: float | None = None
+    mean_similarity: float | None = None
+    valid_fraction: float | None = None
+    mean_completion_tokens: float | None = None
+    collapsed: bool = False
 
 
 class ProcessedEvent(SQLModel, table=True):
@@ -315,8 +326,27 @@ def _with_installed_driver(url: str) -> str:
     return url
 
 
-def create_tables(engine: Engine) -> None:
+class OutdatedProjections(RuntimeError):
+    """The database holds projection tables from an older groundloop (missing columns)."""
+
+
+def create_tables(engine: Engine, *, outdated_ok: bool = False) -> None:
+    """Create the projection tables that are missing; refuse tables of an older layout,
+    which would fail on the first write (projections are rebuilt from the log, never migrated).
+    `outdated_ok`: a rebuild, which replaces them anyway."""
     SQLModel.metadata.create_all(engine, tables=PROJECTION_TABLES)
+    if outdated_ok:
+        return
+    inspector = inspect(engine)
+    for table in PROJECTION_TABLES:
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        missing = sorted(c.name for c in table.columns if c.name not in have)
+        if missing:
+            raise OutdatedProjections(
+                f"projection table {table.name!r} in {engine.url.render_as_string()} lacks "
+                f"columns {missing}: it was written by an older groundloop. Rebuild the "
+                "projections from the log: `groundloop replay rebuild` (the log is untouched)"
+            )
 
 
 def drop_tables(engine: Engine) -> None:

@@ -6,6 +6,7 @@
     groundloop events dead-letters [ROLE]  quarantined log entries, and a role's dead letters
     groundloop replay rebuild            fold the log into new projections, then swap them in
     groundloop searches                  list searches from the projections
+    groundloop analyze SEARCH [SEARCH…]  execution rate, idea classes, diversity, scores (+ plots)
 
 With no GROUNDLOOP_NATS_URL the CLI starts (or reuses) a local nats-server with JetStream
 whose store lives under GROUNDLOOP_DATA_DIR (default ~/.groundloop).
@@ -256,11 +257,12 @@ def _fmt(value: float | None) -> str:
 
 def main() -> None:
     # Imported here: these pull in every service, which the backbone commands don't need.
+    from groundloop.cli import analysis_report, search_job
     from groundloop.cli import history_commands as history_cli
-    from groundloop.cli import search_job
 
     search_job.register(app, replay_app)  # `search`
     history_cli.register(app, replay_app)  # `replay re-decide`, `replay fork`, `export`, `import`
+    analysis_report.register(app)  # `analyze`
     app()
 
 

@@ -5,6 +5,8 @@ leaderboard.md / leaderboard.csv   ideas ranked by mean search-split reward (gro
                                    re-evaluation in its own table / columns
 best_so_far.png                    the leader's mean search-split score by completed search run
                                    (needs matplotlib: the `report` extra)
+rl_curves.png                      RL searches: the policy's curves (report_rl.py), with a
+                                   "Policy" section in leaderboard.md
 best.patch                         the best idea's diff
 summary.json                       the search row, final re-evaluation, totals, baseline
 logs/<run_id>.log                  logs of the best runs, fetched by the caller (see search_job)
@@ -24,6 +26,7 @@ from sqlmodel import Session
 from groundloop.api import ranking
 from groundloop.api.store import IdeaRow, PatchRow, SearchRow
 from groundloop.api.usage import ModelUsage, model_usage
+from groundloop.cli.report_rl import policy_rows, rl_section
 from groundloop.manifest import Metric
 from groundloop.ranking import CurvePoint, Standing
 
@@ -111,6 +114,10 @@ def write_report(session: Session, search_id: str, out_dir: Path, metric: Metric
     baseline = baseline_scores(session, search_id)
     usage = model_usage(session, search_id)
     _write_leaderboard(rows, out_dir, search, metric, baseline, usage)
+    policy = rl_section(session, search_id, search.strategy, rows, out_dir)
+    if policy:
+        with (out_dir / "leaderboard.md").open("a") as fh:
+            fh.write("\n".join(policy) + "\n")
     curve = best_so_far(session, search_id)
     _plot(curve, baseline, out_dir / "best_so_far.png", search, metric)
     if rows and rows[0].rank is not None:
@@ -130,6 +137,7 @@ def write_report(session: Session, search_id: str, out_dir: Path, metric: Metric
         ],
         "leaderboard": [r.__dict__ for r in rows[:20]],
         "model_usage": usage.__dict__,
+        "policy": [p.model_dump(mode="json") for p in policy_rows(session, search_id)],
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return out_dir

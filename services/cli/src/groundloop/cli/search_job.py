@@ -32,6 +32,7 @@ from groundloop.bus import Bus
 from groundloop.cli.gpus import GpuPlan, plan_gpus
 from groundloop.cli.progress import console, fetch_logs, watch
 from groundloop.cli.report import write_report
+from groundloop.cli.rl_options import rl_settings
 from groundloop.cli.search_settings import (
     EDIT_FORMATS,
     FAILED_REASONS,
@@ -78,8 +79,10 @@ async def run_services(
     with_runner: bool = True,
     llm_settings: object | None = None,
     gpus: GpuPlan | None = None,
+    with_trainer: bool = False,
 ) -> list[asyncio.Task]:
-    """Every service as a task of this process; they still talk only through NATS."""
+    """Every service as a task of this process; they still talk only through NATS. The
+    rl-trainer (torch, transformers, trl: slow to import) only when the search uses a policy."""
     from groundloop.api.service import run as projector
     from groundloop.evolver.service import run as evolver
     from groundloop.ideator.service import run as ideator
@@ -97,6 +100,10 @@ async def run_services(
         devices = {"gpus": gpus.gpus, "gpus_per_run": gpus.per_run} if gpus else {}
         runner_settings = RunnerSettings(resource_class=resource_class, slots=slots, **devices)
         coros.append(runner(settings, runner_settings, stop))
+    if with_trainer:
+        from groundloop.rl_trainer.service import run as rl_trainer
+
+        coros.append(rl_trainer(settings, stop))
     return [asyncio.create_task(c) for c in coros]
 
 
@@ -139,6 +146,7 @@ async def run_search(
         with_runner=with_runner,
         llm_settings=llm_settings,
         gpus=gpus,
+        with_trainer=started.rl is not None,
     )
     try:
         ended = await watch(settings, started.search_id, stop, tasks)
@@ -171,7 +179,11 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
             str, typer.Option(help="environment name (folder under environments/) or path")
         ] = "tinygpt",
         strategy: Annotated[
-            str, typer.Option(help="evolution | best_of_n (rl: not available yet)")
+            str,
+            typer.Option(
+                help="evolution | best_of_n | rl (GRPO on a policy: one step per generation) "
+                "| hybrid (evolution and policy slots in every generation)"
+            ),
         ] = "evolution",
         generations: Annotated[int, typer.Option(help="generations (epochs) of ideas")] = 2,
         ideas: Annotated[int, typer.Option(help="ideas per generation")] = 3,
@@ -255,9 +267,20 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
                 "(needed for a hosted model missing from the price table; repeatable)"
             ),
         ] = None,
+        rl_policy: Annotated[
+            str | None,
+            typer.Option(
+                help="rl/hybrid policy: none = offline knob language model; hf:<local path>"
+            ),
+        ] = None,
+        rl: Annotated[
+            list[str] | None,
+            typer.Option(help="rl/hybrid setting KEY=VALUE, e.g. novelty_bonus=0.2 (repeatable)"),
+        ] = None,
     ) -> None:
         """Run a search end to end and write its report."""
         check_strategy(strategy)
+        rl_config = rl_settings(strategy, rl_policy, rl)
         check_choice("--edit-format", edit_format, EDIT_FORMATS)
         settings = Settings()
         configure_logging(
@@ -291,12 +314,16 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
             revisions=revisions,
             edit_format=edit_format,
             llm_settings=llm_settings,
+            rl=rl_config,
         )
         proposer = (
             f"model {model}"
             if model
             else "the offline knob proposer (no model configured; labelled 'knobs')"
         )
+        if rl_config is not None:
+            policy = rl_config.policy or "the offline knob language model"
+            proposer = policy if strategy == "rl" else f"{proposer} and the policy {policy}"
         console.print(f"search [bold]{name}[/] on {environment.name} ({strategy}) with {proposer}")
         result: list[Path | None] = []
         with connected_settings(settings) as s:

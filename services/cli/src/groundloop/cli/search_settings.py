@@ -12,7 +12,7 @@ from groundloop.execution.environment import Environment
 
 console = Console()
 
-STRATEGIES = ("evolution", "best_of_n")
+STRATEGIES = ("evolution", "best_of_n", "rl", "hybrid")
 EDIT_FORMATS = ("diff", "search-replace", "whole-file")  # ImplementerSettings.edit_format
 # SearchCompleted reasons of a search that could not run (decisions.py); they exit non-zero.
 FAILED_REASONS = ("cannot run this search", "baseline failed")
@@ -33,13 +33,6 @@ def check_choice(flag: str, value: str | None, valid: tuple[str, ...]) -> None:
 
 
 def check_strategy(strategy: str) -> None:
-    if strategy == "rl":
-        console.print(
-            "[red]--strategy rl needs the rl-trainer service, which groundloop does not have "
-            f"yet; use one of: {', '.join(STRATEGIES)}[/]",
-            highlight=False,
-        )
-        raise typer.Exit(2)
     check_choice("--strategy", strategy, STRATEGIES)
 
 
@@ -63,6 +56,7 @@ def search_started_event(
     revisions: int = 2,
     edit_format: str | None = None,
     llm_settings: object | None = None,
+    rl: ev.RLSettings | None = None,
 ) -> ev.SearchStarted:
     proposer = (
         ev.ProposerSettings(kind="llm", model=model, ideas_per_call=ideas_per_call)
@@ -103,6 +97,7 @@ def search_started_event(
         implementer=implementer,
         price_table=prices,
         seed=seed,
+        rl=rl,
     )
 
 

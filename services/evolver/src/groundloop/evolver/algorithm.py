@@ -113,10 +113,30 @@ def plan_generation(
     past: Sequence[PastIdea],
     beta: float | None,
     search_seed: int,
+    rl_share: float = 1.0,
 ) -> GenerationPlan:
     """Plan generation `generation` with `size` ideas (N, or fewer when a run budget is nearly
     spent), given every earlier idea in proposal order and the baseline reward β."""
+    if strategy == "rl":
+        return GenerationPlan(rl=size)
+    if strategy == "hybrid":
+        policy_slots = min(size, max(1, round_half_up(rl_share * size)))
+        rest = _evolution_plan(generation, config, size - policy_slots, past, beta, search_seed)
+        return rest.model_copy(update={"rl": policy_slots})
     if generation == 0 or strategy != "evolution":
+        return GenerationPlan(fresh=size)
+    return _evolution_plan(generation, config, size, past, beta, search_seed)
+
+
+def _evolution_plan(
+    generation: int,
+    config: SearchConfig,
+    size: int,
+    past: Sequence[PastIdea],
+    beta: float | None,
+    search_seed: int,
+) -> GenerationPlan:
+    if generation == 0 or size == 0:
         return GenerationPlan(fresh=size)
     rng = generation_rng(search_seed, generation)
     k = config.context_size

@@ -247,6 +247,7 @@ def _advance(ctx: _Decision, generation: int) -> list[Event]:
         past=state.past_ideas(generation),
         beta=beta[1] if beta else None,
         search_seed=ctx.started.seed,
+        rl_share=ctx.started.rl.share if ctx.started.rl else 1.0,
     )
     previous = state.summary(generation - 1) if generation > 0 else None
     log.info("search %s: opening generation %d (%s)", state.search_id, generation, plan)

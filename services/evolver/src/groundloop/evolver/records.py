@@ -83,9 +83,14 @@ class GenerationRecord:
     @property
     def planned(self) -> int:
         plan = self.plan or GenerationPlan()
-        return plan.fresh + plan.explore + plan.exploit
+        return plan.fresh + plan.explore + plan.exploit + plan.rl
 
     @property
     def expected(self) -> int:
-        """Ideas the generation waits for: the plan, or fewer after an IdeasShortfall."""
-        return self.planned if self.shortfall is None else min(self.planned, self.shortfall)
+        """Ideas the generation waits for: the plan, or fewer after an IdeasShortfall (which
+        counts the ideator's slots only; the policy always writes its `rl` slots)."""
+        plan = self.plan or GenerationPlan()
+        ideator = plan.fresh + plan.explore + plan.exploit
+        if self.shortfall is not None:
+            ideator = min(ideator, self.shortfall)
+        return ideator + plan.rl

@@ -1,4 +1,5 @@
-"""The ideator's prompts, after the paper's: the environment (description and editable code,
+"""The ideator's prompts, after the paper's (shared: the LLM ideator and the rl-trainer's
+language-model policies ask in the same words): the environment (description and editable code,
 protected files replaced by a notice), the mode's context ideas, the ideas already written
 this generation, and the output format.
 
@@ -10,8 +11,9 @@ this generation, and the output format.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from typing import Protocol
 
-from groundloop.ideator.history import IdeaRecord
 from groundloop.llm.structured import JsonSchema
 from groundloop.manifest import Metric
 
@@ -38,6 +40,18 @@ FORMAT_JSON = """Answer with a JSON object {{"ideas": [...]}} holding {count} id
 with "title" (a few words), "experiment" (one paragraph: what to change and why it should \
 improve {metric}, {direction}) and "code_changes" (the concrete edits to the editable files)."""
 
+
+class ContextIdea(Protocol):
+    """What a prompt shows of an earlier idea (the ideator's IdeaRecord is one)."""
+
+    @property
+    def title(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def outcome(self) -> str: ...
+
+
 CONTEXT_CHARS = 600  # per context idea; 100 ideas stay well inside any model's window
 
 
@@ -46,7 +60,7 @@ def _clip(text: str, limit: int = CONTEXT_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _listing(records: list[IdeaRecord], with_outcome: bool) -> str:
+def _listing(records: Sequence[ContextIdea], with_outcome: bool) -> str:
     lines = []
     for i, record in enumerate(records, 1):
         outcome = f" — {record.outcome}" if with_outcome else ""
@@ -60,7 +74,7 @@ def build_prompt(
     metric: Metric,
     mode: str,
     count: int,
-    context: list[IdeaRecord],
+    context: Sequence[ContextIdea],
     baseline_score: float | None,
     written_this_generation: list[str],
     structured: bool = False,

@@ -49,10 +49,18 @@ from groundloop.events import (
     stable_id,
 )
 from groundloop.execution.environment import Environment
+from groundloop.guarded_publish import publish_event
 from groundloop.rl_trainer.checkpoints import initial_key, load_checkpoint
-from groundloop.rl_trainer.policy import Policy, build_policy
+from groundloop.rl_trainer.policy import Policy, SamplingContext, build_policy
 from groundloop.rl_trainer.state import PRODUCER, RL_STRATEGIES, RLState
-from groundloop.rl_trainer.steps import PolicyUnavailable, sample_group, seed_for, train_group
+from groundloop.rl_trainer.steps import (
+    PolicyUnavailable,
+    ideator_prompt,
+    sample_group,
+    seed_for,
+    train_group,
+)
+from groundloop.search_index import fitting_events
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -100,9 +108,10 @@ class TrainerContext:
         assert state.started is not None and state.started.rl is not None
         rl = state.started.rl
         env = self.environment(state.started.environment)
-        try:
-            from groundloop.llm.idea_parsing import parse_ideas
+        from groundloop.llm.idea_parsing import parse_ideas
+        from groundloop.rl_trainer.hf_policy import PolicyLoadError
 
+        try:
             return build_policy(
                 rl.policy,
                 env.manifest,
@@ -110,7 +119,7 @@ class TrainerContext:
                 parse_ideas=lambda text: [(i.title, i.text) for i in parse_ideas(text)],
                 lora_rank=rl.lora_rank,
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, PolicyLoadError) as exc:
             raise PolicyUnavailable(f"policy {rl.policy or 'knobs-lm'}: {exc}") from exc
 
     async def _initial_bytes(self, state: RLState, policy: Policy) -> bytes:
@@ -122,7 +131,12 @@ class TrainerContext:
         rl = state.started.rl
         examples = await self._warm_start_examples(state)
         seed = seed_for(state, "warm-up")
-        loss = await asyncio.to_thread(policy.warm_up, examples, rl.warmup_steps, seed)
+        context = SamplingContext(
+            prompt_text=ideator_prompt(self.environment(state.started.environment)), past=[]
+        )
+        loss = await asyncio.to_thread(
+            policy.warm_up, examples, rl.warmup_steps, seed, None, context
+        )
         log.info(
             "search %s: initial policy warmed up (%d steps, %d examples%s, loss %.3f)",
             state.search_id,
@@ -143,7 +157,7 @@ class TrainerContext:
         source = state.started.rl.warm_start_from
         if not source:
             return []
-        recorded = RLState.fold(source, [e async for e in self.bus.events(source)])
+        recorded = await read_state(self.bus, source)
         if recorded.started is None:
             raise PolicyUnavailable(
                 f"--rl-warm-start {source}: no such search in the log (see `groundloop searches`)"
@@ -172,10 +186,16 @@ def example_text(text: str, knobs: dict[str, float | int | str] | None) -> str:
     return " ; ".join(f"{name} = {value}" for name, value in knobs.items())
 
 
+async def read_state(bus: Bus, search_id: str) -> RLState:
+    """The search's state from its log, folding only what fits it (`search_index`): a forged
+    result can neither reward an idea nor complete a group."""
+    return RLState.fold(search_id, fitting_events([e async for e in bus.events(search_id)]))
+
+
 async def on_event(event: Event, delivery: Delivery, ctx: TrainerContext) -> list[Event]:
     if event.search_id in ctx.not_rl:
         return []
-    state = RLState.fold(event.search_id, [e async for e in ctx.bus.events(event.search_id)])
+    state = await read_state(ctx.bus, event.search_id)
     if state.started is None:
         return []  # nothing to learn for a search that was never started
     if not state.uses_policy or state.started.rl is None:
@@ -197,15 +217,13 @@ async def advance(state: RLState, ctx: TrainerContext, cause: Event) -> None:
         group = state.due_update()
         if group is not None:
             update = await train_group(state, group, ctx, cause)
-            published = await ctx.bus.publish(update, once_per_subject=True)
+            published = await publish_event(ctx.bus, update)  # once per step
             if published.refused:  # another trainer published this step: take the log's
                 log.warning(
                     "%s: step %d was published by another trainer", describe(cause), group.step
                 )
                 ctx.forget(state.search_id)
-                state = RLState.fold(
-                    state.search_id, [e async for e in ctx.bus.events(state.search_id)]
-                )
+                state = await read_state(ctx.bus, state.search_id)
             else:
                 state.apply(update)
             continue

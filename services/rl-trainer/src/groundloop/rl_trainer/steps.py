@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 
 from nats.js.errors import ObjectNotFoundError
 
-from groundloop.events import Event, IdeaProposed, PolicyUpdated, ProposerInfo, stable_id
+from groundloop.events import (
+    Event,
+    IdeaProposed,
+    PolicyUpdated,
+    ProposerInfo,
+    RLSettings,
+    stable_id,
+)
 from groundloop.execution.environment import Environment
 from groundloop.llm.idea_prompts import build_prompt
 from groundloop.rl_trainer.checkpoints import decode_group, encode_group, group_key, put_checkpoint
@@ -48,10 +55,9 @@ def seed_for(state: RLState, *what: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
-def sampling_context(state: RLState, group: Group, env: Environment) -> SamplingContext:
-    """The paper's ideator prompt for one fresh idea, and the past trajectories when asked."""
-    assert state.started is not None and state.started.rl is not None
-    prompt = build_prompt(
+def ideator_prompt(env: Environment) -> str:
+    """The paper's ideator prompt, asking for one fresh idea."""
+    return build_prompt(
         environment=env.describe_for_prompt(),
         metric=env.manifest.metric,
         mode="fresh",
@@ -60,8 +66,26 @@ def sampling_context(state: RLState, group: Group, env: Environment) -> Sampling
         baseline_score=None,
         written_this_generation=[],
     )
+
+
+def sampling_context(state: RLState, group: Group, env: Environment) -> SamplingContext:
+    """The prompt, and the past trajectories when asked."""
+    assert state.started is not None and state.started.rl is not None
     past = state.past_trajectories(group.generation, state.started.rl.past_in_context)
-    return SamplingContext(prompt_text=prompt, past=past)
+    return SamplingContext(prompt_text=ideator_prompt(env), past=past)
+
+
+def grpo_settings(rl: RLSettings) -> GRPOSettings:
+    """The same settings for sampling and for the update (temperature enters both, so the
+    importance ratios compare like with like)."""
+    return GRPOSettings(
+        learning_rate=rl.learning_rate,
+        kl_coef=rl.kl_coef,
+        clip_eps=rl.clip_eps,
+        inner_steps=rl.inner_steps,
+        max_new_tokens=rl.max_new_tokens,
+        temperature=rl.temperature,
+    )
 
 
 async def sample_group(
@@ -69,7 +93,7 @@ async def sample_group(
 ) -> list[IdeaProposed]:
     """The group's ideas not yet in the log. Samples already stored (by a trainer that died
     while publishing them) are reused, so the log and the training data always agree."""
-    assert state.started is not None
+    assert state.started is not None and state.started.rl is not None
     policy = await ctx.policy(state, group.step)
     env = ctx.environment(state.started.environment)
     context = sampling_context(state, group, env)
@@ -78,7 +102,8 @@ async def sample_group(
         completions = decode_group(await ctx.bus.get_artifact(key))
     except ObjectNotFoundError:
         seed = seed_for(state, "sample", group.step)
-        completions = await asyncio.to_thread(policy.sample, context, group.size, seed)
+        settings = grpo_settings(state.started.rl)
+        completions = await asyncio.to_thread(policy.sample, context, group.size, seed, settings)
         await ctx.bus.put_artifact(key, encode_group(completions))
     digest = hashlib.sha256(context.prompt_text.encode()).hexdigest()
     info = ProposerInfo(kind="rl", model=policy.model_name, policy_version=group.step)
@@ -133,14 +158,7 @@ async def train_group(
         rl.length_cap,
         lengths,
     )
-    settings = GRPOSettings(
-        learning_rate=rl.learning_rate,
-        kl_coef=rl.kl_coef,
-        clip_eps=rl.clip_eps,
-        inner_steps=rl.inner_steps,
-        max_new_tokens=rl.max_new_tokens,
-        temperature=rl.temperature,
-    )
+    settings = grpo_settings(rl)
     env = ctx.environment(state.started.environment)
     context = sampling_context(state, group, env)
     stats = await asyncio.to_thread(policy.update, completions, shaped, settings, context)

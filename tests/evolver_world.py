@@ -227,7 +227,9 @@ class World:
         return cause.derive(
             RunCompleted,
             "runner",
-            run_id=run_id or stable_id("run", cause.event_id),
+            # A patch's run has the id the runner gives it (runs.py), which the log's
+            # consistency checks expect (groundloop.search_index); requested runs keep theirs.
+            run_id=run_id or stable_id(patch_id, seed),
             patch_id=patch_id,
             idea_id=idea_id,
             generation=getattr(cause, "generation", 0),

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from groundloop import events as ev
-from groundloop.bus import Bus
+from groundloop.bus import Bus, Published
 from groundloop.execution.applier import make_diff
 from groundloop.execution.environment import Environment
 from groundloop.execution.sandbox import MARKER
@@ -77,6 +77,18 @@ def patch_event(
         diff=diff,
         seed=seed,
     )
+
+
+async def publish_patch(bus: Bus, env: Environment, patch: ev.PatchReady) -> Published:
+    """Publish `patch` after the log prefix a runner requires of it (groundloop.search_index):
+    its search's SearchStarted and the IdeaProposed of its idea. Both have stable ids, so
+    publishing several patches of one search stores each prefix event once."""
+    await bus.publish(factories.search_started_in(env, patch.search_id))
+    idea = factories.idea_proposed(
+        patch.search_id, idea_id=patch.idea_id, knobs={"SLEEP_SECONDS": 0.0}
+    ).model_copy(update={"event_id": ev.stable_id(patch.idea_id, "proposed")})
+    await bus.publish(idea)
+    return await bus.publish(patch)
 
 
 def record_start(name: str) -> str:

@@ -23,7 +23,13 @@ from groundloop.manifest import Resources
 from groundloop.runner.execute import run_limits
 from groundloop.runner.slots import RunnerSettings, Slot
 from groundloop.settings import Settings
-from tests.runner_support import Collector, patch_event, serving, settings_environment
+from tests.runner_support import (
+    Collector,
+    patch_event,
+    publish_patch,
+    serving,
+    settings_environment,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,7 +41,7 @@ async def _one_run(settings: Settings, search_id: str, **runner: object) -> Coll
     bus = await Bus.connect(settings, "test")
     seen = await Collector().start(bus, search_id)
     async with serving(settings, slots=1, **runner):
-        await bus.publish(patch_event(env, search_id, 0))
+        await publish_patch(bus, env, patch_event(env, search_id, 0))
         await seen.wait(lambda c: c.of(ev.RunCompleted))
     await bus.close()
     return seen

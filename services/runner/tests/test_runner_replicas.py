@@ -23,6 +23,7 @@ from tests.runner_support import (
     Collector,
     alive,
     patch_event,
+    publish_patch,
     replay,
     run_processes,
     serving,
@@ -38,7 +39,7 @@ async def test_two_replicas_with_three_slots_drain_thirty_runs(env_settings: Set
     bus = await Bus.connect(env_settings, "test")
     seen = await Collector().start(bus, "drain")
     for index in range(30):
-        await bus.publish(patch_event(env, "drain", index))
+        await publish_patch(bus, env, patch_event(env, "drain", index))
     async with (
         serving(env_settings, slots=3, runner_id="a"),
         serving(env_settings, slots=3, runner_id="b"),
@@ -65,7 +66,7 @@ async def test_sigkilled_runner_run_is_completed_by_another_replica(
     doomed = subprocess.Popen([sys.executable, "-m", "groundloop.runner"], env=environ)
     doomed_runs = env_settings.data_dir / "runner" / "doomed"
     try:
-        await bus.publish(patch_event(env, "kill", 0, sleep=3.0))
+        await publish_patch(bus, env, patch_event(env, "kill", 0, sleep=3.0))
         await seen.wait(lambda c: c.of(ev.RunStarted), timeout=30)
         orphans = await eventually(
             lambda: run_processes(doomed_runs), timeout=15, what="the doomed runner's run"
@@ -94,8 +95,8 @@ async def test_sigterm_hands_back_a_run_that_outlasts_the_grace(env_settings: Se
     first = asyncio.create_task(
         run(env_settings, RunnerSettings(slots=1, runner_id="leaving", shutdown_grace_s=0.5), stop)
     )
-    await bus.publish(patch_event(env, "term", 0, sleep=4.0))
-    await bus.publish(patch_event(env, "term", 1, sleep=0.0))
+    await publish_patch(bus, env, patch_event(env, "term", 0, sleep=4.0))
+    await publish_patch(bus, env, patch_event(env, "term", 1, sleep=0.0))
     await seen.wait(lambda c: c.of(ev.RunStarted))
     stopped_at = time.monotonic()
     stop.set()  # what SIGTERM does in __main__

@@ -23,6 +23,7 @@ from tests.runner_support import (
     alive,
     make_environments,
     patch_event,
+    publish_patch,
     record_start,
     run_processes,
     serving,
@@ -39,7 +40,7 @@ async def test_a_patch_runs_and_its_log_is_in_the_object_store(env_settings: Set
     bus = await Bus.connect(env_settings, "test")
     seen = await Collector().start(bus, "ok")
     async with serving(env_settings, slots=1, runner_id="r1"):
-        await bus.publish(patch_event(env, "ok", 0))
+        await publish_patch(bus, env, patch_event(env, "ok", 0))
         await seen.wait(lambda c: c.of(ev.RunCompleted))
     [started], [done] = seen.of(ev.RunStarted), seen.of(ev.RunCompleted)
     assert done.status == "succeeded", done
@@ -66,7 +67,7 @@ async def test_a_run_never_sees_the_runners_secrets(env_settings: Settings, monk
         "\nimport os as _os\nfor _k, _v in sorted(_os.environ.items()): print(f'ENV {_k}={_v}')\n"
     )
     async with serving(env_settings, slots=1):
-        await bus.publish(patch_event(env, "env", 0, code=code))
+        await publish_patch(bus, env, patch_event(env, "env", 0, code=code))
         await seen.wait(lambda c: c.of(ev.RunCompleted))
     [done] = seen.of(ev.RunCompleted)
     assert done.status == "succeeded", done
@@ -136,10 +137,10 @@ async def test_runaway_code_ends_within_budget_and_leaves_no_process(
                 body = record_start("main") + code.replace(
                     "{record}", record_start("daemon").strip() + "\n"
                 )
-                await bus.publish(patch_event(env, "runaway", index, code=body))
+                await publish_patch(bus, env, patch_event(env, "runaway", index, code=body))
             await seen.wait(lambda c: len(c.of(ev.RunCompleted)) == len(RUNAWAYS), timeout=40)
             # The runner keeps serving: a normal run after the runaways succeeds.
-            await bus.publish(patch_event(env, "runaway", 99))
+            await publish_patch(bus, env, patch_event(env, "runaway", 99))
             await seen.wait(lambda c: len(c.of(ev.RunCompleted)) == len(RUNAWAYS) + 1)
     assert watch.seen, "the runs' processes were never seen: run_processes finds nothing"
     by_patch = {e.patch_id: e for e in seen.of(ev.RunCompleted)}

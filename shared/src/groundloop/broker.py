@@ -5,6 +5,12 @@ Used when no `GROUNDLOOP_NATS_URL` is set. The binary comes from the `nats-serve
 survives restarts; a second invocation finds the running server through its pid file and
 reuses it instead of starting another.
 
+Authentication is on unless asked otherwise: the server generates one nkey per role into
+`<store>/../credentials` (0600 seeds, `groundloop.identity`) and enforces the permission map
+(`groundloop.permissions`) for the names of the settings it serves; a process of this data
+dir finds those credentials by itself (`embedded_credentials`). Serving more names (tests:
+one subject prefix per test) rewrites the config and reloads the server in place.
+
 Run alone:  groundloop broker   (foreground, Ctrl-C stops it)
 """
 
@@ -13,14 +19,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from groundloop import identity
+from groundloop.permissions import Names, authorization_block
+from groundloop.settings import Settings
 
 DEFAULT_PORT = 4333  # not 4222, so the embedded broker never collides with a system NATS
 
@@ -57,31 +68,77 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """The server's certificate and key, and the CA clients are checked against (`verify`:
+    clients must present a certificate signed by it, mTLS)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    verify: bool = False
+
+    def block(self) -> str:
+        lines = [
+            f"  cert_file: {json.dumps(str(self.cert))}",
+            f"  key_file: {json.dumps(str(self.key))}",
+        ]
+        if self.ca is not None:
+            lines.append(f"  ca_file: {json.dumps(str(self.ca))}")
+        if self.verify:
+            lines.append("  verify: true")
+        return "tls {\n" + "\n".join(lines) + "\n  timeout: 2\n}\n"
+
+
 @dataclass
 class NatsServer:
-    """One nats-server process with JetStream storing under `store_dir`."""
+    """One nats-server process with JetStream storing under `store_dir`. With `credentials`
+    (a folder) every role logs in with its generated nkey and gets the permissions of
+    `names`; `anonymous_role` lets clients without credentials in as that role (for tests
+    whose subprocesses carry none); `tls` serves TLS only."""
 
     store_dir: Path
     port: int
     process: subprocess.Popen | None = None
     pid: int | None = None
+    credentials: Path | None = None
+    names: list[Names] = field(default_factory=lambda: [Names()])
+    anonymous_role: str | None = None
+    tls: TlsFiles | None = None
+    _anonymous_password: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> NatsServer:
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        config = self.store_dir / "nats-server.conf"
+    @property
+    def config_path(self) -> Path:
+        return self.store_dir / "nats-server.conf"
+
+    def config_text(self) -> str:
         # max_payload above the 1 MiB event limit, so an oversized event reaches a consumer and
         # is dead-lettered with a reason instead of failing at the publisher with no record.
-        config.write_text(
+        text = (
             f"listen: 127.0.0.1:{self.port}\nmax_payload: {8 * 1024 * 1024}\n"
             f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}\n"
         )
+        if self.tls is not None:
+            text += self.tls.block()
+        if self.credentials is not None:
+            keys = identity.generate(self.credentials)
+            anonymous = (
+                (self.anonymous_role, self._anonymous_password) if self.anonymous_role else None
+            )
+            text += authorization_block(self.names, keys, anonymous=anonymous)
+        return text
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text())
+        self.config_path.chmod(0o600)
         log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
-            [find_nats_server(), "-c", str(config)],
+            [find_nats_server(), "-c", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -89,6 +146,23 @@ class NatsServer:
         self.pid = self.process.pid
         self.wait_ready(timeout)
         return self
+
+    def serve(self, names: Names, timeout: float = 10.0) -> None:
+        """Also grant the roles their permissions on `names` (reloading a running server)."""
+        if names in self.names:
+            return
+        self.names.append(names)
+        if self.credentials is None or self.pid is None:
+            return
+        log_path = self.store_dir / "nats-server.log"
+        before = _tail(log_path, 1 << 20).count(RELOADED)
+        self.config_path.write_text(self.config_text())
+        os.kill(self.pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while _tail(log_path, 1 << 20).count(RELOADED) <= before:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"nats-server did not reload its config in {timeout:.0f}s")
+            time.sleep(0.01)
 
     def wait_ready(self, timeout: float) -> None:
         """Wait for the client port and the JetStream-ready line rather than sleeping."""
@@ -123,6 +197,9 @@ class NatsServer:
         self.stop(signal.SIGKILL)
 
 
+RELOADED = "Reloaded server configuration"
+
+
 def _tail(path: Path, size: int = 65536) -> str:
     if not path.exists():
         return ""
@@ -135,8 +212,9 @@ class EmbeddedBroker:
     """Start or reuse the data dir's broker. `owned` says whether this process started it
     (and so must stop it on exit); a reused one belongs to whoever started it."""
 
-    def __init__(self, data_dir: Path, port: int = DEFAULT_PORT):
+    def __init__(self, data_dir: Path, port: int = DEFAULT_PORT, names: Names | None = None):
         self.root = data_dir / "nats"
+        self.names = names
         self.pid_file = self.root / "broker.json"
         self.port = port
         self.server: NatsServer | None = None
@@ -161,7 +239,15 @@ class EmbeddedBroker:
             return self
         if port_open(self.port):
             self.port = free_port()  # someone else's server sits on our default port
-        self.server = NatsServer(self.root / "store", self.port).start()
+        if self.names is None:
+            # The names the CLI's processes will use (GROUNDLOOP_* variables).
+            self.names = Names.of(Settings(data_dir=self.root.parent))
+        self.server = NatsServer(
+            self.root / "store",
+            self.port,
+            credentials=self.root / "credentials",
+            names=[self.names],
+        ).start()
         self.pid_file.write_text(json.dumps({"pid": self.server.pid, "port": self.port}))
         self.owned = True
         return self

@@ -9,18 +9,25 @@ event is stored once within the duplicate window (Settings.duplicate_window_s; R
 quarantined log entry (`groundloop.quarantine`); an object store holds run logs, large diffs
 and checkpoints; a KV bucket records which events each role processed. Everything is created
 idempotently by `Bus.connect`. Every reader decodes the log through `Bus.read`.
+
+Identity: with credentials (Settings.nats_credentials_dir, or the embedded broker's) a process
+logs in as the role of the name it connects with (`permissions.role_of`), the broker lets it
+publish only that role's events, and every event it publishes is signed with the role's key
+(`groundloop.identity`). `read` then quarantines unsigned, forged and misattributed events.
+Without credentials (an existing broker without authentication) nothing is signed or
+verified, and the process says so once in its log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import nats
-from nats.errors import ConnectionClosedError, NoServersError
+from nats.errors import AuthorizationError, ConnectionClosedError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import (
@@ -31,8 +38,9 @@ from nats.js.errors import (
     NotFoundError,
 )
 
-from groundloop import telemetry
+from groundloop import identity, telemetry
 from groundloop.events import Event, encode
+from groundloop.permissions import OPERATOR, ROLES, Names, inbox_prefix
 from groundloop.quarantine import KEPT_BYTES, Quarantined, read_entry
 from groundloop.quarantine import MAX_EVENT_BYTES as MAX_EVENT_BYTES
 from groundloop.settings import Settings
@@ -53,6 +61,9 @@ class BrokerUnavailable(RuntimeError):
     pass
 
 
+_said_unverified = {"once": False}
+
+
 @dataclass(frozen=True)
 class Published:
     seq: int
@@ -61,10 +72,22 @@ class Published:
 
 
 class Bus:
-    def __init__(self, settings: Settings, nc: Any):
+    def __init__(
+        self,
+        settings: Settings,
+        nc: Any,
+        *,
+        role: str = OPERATOR,
+        signer: identity.Signer | None = None,
+        verifier: identity.Verifier | None = None,
+    ):
         self.settings = settings
+        self.names = Names.of(settings)
         self.nc = nc
         self.js = nc.jetstream(timeout=10.0)
+        self.role = role
+        self.signer = signer
+        self.verifier = verifier
         self._objects: Any = None
         self._processed: Any = None
         self._closing = {"now": False}  # shared with the disconnect callback: quiet on close
@@ -78,6 +101,16 @@ class Bus:
             raise BrokerUnavailable(
                 "no NATS URL: set GROUNDLOOP_NATS_URL, or use the CLI, which starts the embedded broker"
             )
+        who = identity.of(settings, name)
+        if who.verifier is None and not _said_unverified["once"]:
+            _said_unverified["once"] = True
+            log.warning(
+                "events are not verified: no NATS credentials (GROUNDLOOP_NATS_CREDENTIALS_DIR) "
+                "or GROUNDLOOP_VERIFY_EVENTS=false, so unsigned events from anyone are accepted"
+            )
+        auth: dict[str, Any] = {"nkeys_seed_str": who.seed.decode()} if who.seed else {}
+        if who.tls is not None:
+            auth["tls"] = who.tls
 
         closing = {"now": False}
 
@@ -88,7 +121,10 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("bus %s: reconnected to %s", name, settings.nats_url)
 
+        errors: list[Exception] = []  # the first connect retries forever; these say why
+
         async def on_error(exc: Exception) -> None:
+            errors.append(exc)
             log.debug("bus %s: %s", name, exc)
 
         try:
@@ -105,16 +141,30 @@ class Bus:
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
                     error_cb=on_error,
+                    inbox_prefix=inbox_prefix(who.role),
+                    **auth,
                 ),
                 timeout=connect_timeout * 2,
             )
-        except (TimeoutError, NoServersError, OSError) as exc:
+        except (AuthorizationError, TimeoutError, NoServersError, OSError) as exc:
+            refused = isinstance(exc, AuthorizationError) or any(
+                isinstance(e, AuthorizationError) or "Authorization" in str(e) for e in errors
+            )
+            if not refused:
+                why = f"; last error: {errors[-1]!r}" if errors else ""
+                raise BrokerUnavailable(
+                    f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}: "
+                    f"{exc}{why}); start one (`groundloop broker`, or nats-server -js) or unset "
+                    "GROUNDLOOP_NATS_URL to let the CLI start the embedded broker; a TLS broker "
+                    "needs GROUNDLOOP_NATS_TLS_CA"
+                ) from None
+            held = f"the nkey of role {who.role}" if who.seed else "no credentials"
             raise BrokerUnavailable(
-                f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}: {exc}); "
-                "start one (`groundloop broker`, or nats-server -js) or unset GROUNDLOOP_NATS_URL "
-                "to let the CLI start the embedded broker"
+                f"NATS at {settings.nats_url} refused {name!r} with {held}: set "
+                "GROUNDLOOP_NATS_CREDENTIALS_DIR to the folder holding this role's seed (and "
+                "the server's config to its public key, deploy/nats/README.md)"
             ) from None
-        bus = cls(settings, nc)
+        bus = cls(settings, nc, role=who.role, signer=who.signer, verifier=who.verifier)
         bus._closing = closing
         await bus.ensure()
         return bus
@@ -151,7 +201,7 @@ class Bus:
         )
         objects = api.ObjectStoreConfig(bucket=s.artifacts_bucket, storage=api.StorageType.FILE)
         processed = api.KeyValueConfig(
-            bucket=f"{s.stream}_processed", history=1, storage=api.StorageType.FILE
+            bucket=self.names.processed_bucket, history=1, storage=api.StorageType.FILE
         )
         self._objects = await self._ensure_bucket(
             self.js.object_store,
@@ -171,7 +221,10 @@ class Bus:
             except BadRequestError:  # another process created it between our two calls
                 pass
             return
-        await self.js.update_stream(config)
+        # Only roles that manage the bus may change an existing stream (a role's key must not
+        # be able to shrink the log's limits); the others use it as it is.
+        if self.signer is None or ROLES[self.role].manages:
+            await self.js.update_stream(config)
 
     @staticmethod
     async def _ensure_bucket(get, create, bucket: str) -> Any:
@@ -206,7 +259,7 @@ class Bus:
 
     @property
     def quarantine_stream(self) -> str:
-        return f"{self.settings.stream}_QUARANTINE"
+        return self.names.quarantine_stream
 
     def quarantine_subject(self, seq: int) -> str:
         return f"{self.settings.subject_prefix}_quarantine.{seq}"
@@ -221,9 +274,11 @@ class Bus:
         headers = {"Nats-Msg-Id": event.event_id}
         if once_per_subject:
             headers["Nats-Expected-Last-Subject-Sequence"] = "0"
-        telemetry.inject(headers)
-        body = encode(event)
-        return await self._publish_raw(self.subject_of(event), body, headers, retry_for)
+        telemetry.inject(headers, event)
+        body, subject = encode(event), self.subject_of(event)
+        if self.signer is not None:
+            headers.update(self.signer.headers(subject, body))
+        return await self._publish_raw(subject, body, headers, retry_for)
 
     async def _publish_raw(
         self, subject: str, body: bytes, headers: dict[str, str], retry_for: float
@@ -289,10 +344,23 @@ class Bus:
 
     # ------------------------------------------------------------------ reading the log
 
-    async def read(self, subject: str, data: bytes, seq: int) -> Event | Quarantined:
+    async def read(
+        self, subject: str, data: bytes, seq: int, headers: Mapping[str, str] | None = None
+    ) -> Event | Quarantined:
         """The one decoding of a log entry for every reader: the event, or the entry
-        quarantined (recorded once per stream sequence, whoever reads it first)."""
+        quarantined (recorded once per stream sequence, whoever reads it first). When events
+        are verified, an entry whose signer may not have produced it is quarantined too;
+        `headers` are the entry's (fetched by sequence when a caller has none at hand)."""
         entry = read_entry(self.settings.subject_prefix, subject, data or b"")
+        if not isinstance(entry, str) and self.verifier is not None:
+            if headers is None:
+                headers = await self._stored_headers(seq)
+            refusal = self.verifier.refusal(
+                subject, data or b"", headers, entry.TYPE, entry.producer
+            )
+            if refusal is None:
+                return entry
+            entry = f"not vouched for: {refusal}"
         if not isinstance(entry, str):
             return entry
         quarantined = Quarantined(seq, subject, entry, (data or b"")[:KEPT_BYTES])
@@ -317,13 +385,20 @@ class Bus:
         if not published.refused and not published.duplicate:
             log.error("%s", entry)
 
+    async def _stored_headers(self, seq: int) -> dict[str, str]:
+        try:
+            stored = await self.js.get_msg(self.settings.stream, seq)
+        except NotFoundError:
+            return {}
+        return dict(stored.headers or {})
+
     async def read_stored(self, seq: int) -> Event | Quarantined | None:
         """The entry at stream sequence `seq` (None when there is none, e.g. deleted)."""
         try:
             stored = await self.js.get_msg(self.settings.stream, seq)
         except NotFoundError:
             return None
-        return await self.read(stored.subject, stored.data or b"", seq)
+        return await self.read(stored.subject, stored.data or b"", seq, dict(stored.headers or {}))
 
     async def events(self, search_id: str | None = None, batch: int = 1000) -> AsyncIterator[Event]:
         """Replay the log in publish order (one search, or all) up to its current end."""
@@ -365,7 +440,7 @@ class Bus:
                 for msg in msgs:
                     pending = msg.metadata.num_pending
                     seq = msg.metadata.sequence.stream
-                    yield seq, await self.read(msg.subject, msg.data, seq)
+                    yield seq, await self.read(msg.subject, msg.data, seq, msg.headers or {})
         finally:
             await sub.unsubscribe()
 

@@ -17,6 +17,15 @@ long handlers keep it by sending in-progress acks (`Delivery.heartbeat`).
 Events copied into a search by `fork` or `import` carry a producer starting with "history:".
 They are facts, not work: only roles that fold state (projector, evolver) pass
 `history=True`; the others ack them without handling, so no copied patch is run again.
+
+A guarded event (one per subject: GenerationAdvanced, IdeasShortfall) reaches the handler
+only if it is its subject's one event (groundloop.guarded_publish): one by another producer,
+or a second after the one, is quarantined and dead-lettered like garbage. Outputs are
+published through `publish_event`, which keeps that guard from being blocked by strays.
+
+Dead letters: one record per role and message (message id `dead-letter.<role>.<stream seq>`);
+the original's `Nats-*` headers are never copied, or its message id would make the
+dead-letter stream keep one record for all the roles that dead-letter the same message.
 """
 
 from __future__ import annotations
@@ -35,17 +44,15 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from groundloop import telemetry
 from groundloop.bus import Bus, describe
-from groundloop.events import Event, GenerationAdvanced
+from groundloop.events import Event
+from groundloop.guarded_publish import publish_event
+from groundloop.guarded_publish import refusal as guard_refusal
+from groundloop.producers import HISTORY_PREFIX as HISTORY_PREFIX
+from groundloop.producers import is_history as is_history
 from groundloop.quarantine import Quarantined
+from groundloop.search_index import record_refusal
 
 log = logging.getLogger(__name__)
-
-HISTORY_PREFIX = "history:"
-
-
-def is_history(event: Event) -> bool:
-    """Copied by fork/import: already happened, never to be acted on again."""
-    return event.producer.startswith(HISTORY_PREFIX)
 
 
 class Retry(Exception):
@@ -71,6 +78,7 @@ class Delivery:
     max_deliver: int
     ack_wait: float
     msg: Any = field(repr=False, default=None)
+    seq: int = 0  # the event's stream sequence: everything it depends on precedes it
 
     @property
     def last_attempt(self) -> bool:
@@ -129,10 +137,10 @@ async def ensure_consumer(bus: Bus, role: str, filters: list[str]) -> None:
 
 async def publish_outputs(bus: Bus, outputs: list[Event]) -> None:
     for out in outputs:
-        # GenerationAdvanced is exactly-once per generation: the server refuses a second.
-        result = await bus.publish(out, once_per_subject=isinstance(out, GenerationAdvanced))
+        # Guarded types (GenerationAdvanced, IdeasShortfall) are exactly-once per subject.
+        result = await publish_event(bus, out)
         if result.refused:
-            log.info("%s refused: generation already advanced", describe(out))
+            log.info("%s refused: its subject already has its one event", describe(out))
 
 
 async def consume(
@@ -187,20 +195,17 @@ async def _process(
 ) -> None:
     headers = dict(msg.headers or {})
     meta = msg.metadata
-    attempt = meta.num_delivered
-    event = await bus.read(msg.subject, msg.data, meta.sequence.stream)
+    attempt, seq = meta.num_delivered, meta.sequence.stream
+    event = await bus.read(msg.subject, msg.data, seq, msg.headers or {})
     if isinstance(event, Quarantined):
         log.error("%s: rejecting %s", role, event)
-        await bus.dead_letter(
-            role,
-            msg.data,
-            event.reason,
-            {
-                **headers,
-                "Groundloop-Subject": msg.subject,
-                "Groundloop-Stream-Seq": str(meta.sequence.stream),
-            },
-        )
+        await bus.dead_letter(role, msg.data, event.reason, letter_headers(headers, role, msg))
+        await msg.term()
+        return
+    if (why := await guard_refusal(bus, event, seq)) is not None:
+        log.error("%s: rejecting %s: %s", role, describe(event), why)
+        await record_refusal(bus, seq, msg.subject, msg.data, why)
+        await bus.dead_letter(role, msg.data, why, letter_headers(headers, role, msg))
         await msg.term()
         return
     if (not history and is_history(event)) or (
@@ -209,7 +214,7 @@ async def _process(
         log.debug("%s: %s is history or already processed; acking", role, describe(event))
         await msg.ack()
         return
-    delivery = Delivery(event, attempt, bus.settings.max_deliver, bus.settings.ack_wait_s, msg)
+    delivery = Delivery(event, attempt, bus.settings.max_deliver, bus.settings.ack_wait_s, msg, seq)
     with telemetry.span_from_headers(
         f"{role} {event.TYPE}",
         headers,
@@ -232,9 +237,7 @@ async def _process(
             return
         except Reject as exc:
             log.error("%s: %s rejected: %s", role, describe(event), exc.reason)
-            await bus.dead_letter(
-                role, msg.data, exc.reason, {**headers, "Groundloop-Subject": msg.subject}
-            )
+            await bus.dead_letter(role, msg.data, exc.reason, letter_headers(headers, role, msg))
             await msg.term()
             return
         except Exception:
@@ -263,7 +266,9 @@ async def _watch_exhausted(bus: Bus, role: str, on_exhausted: ExhaustedHandler |
         try:
             seq = json.loads(advisory.data)["stream_seq"]
             stored = await bus.js.get_msg(bus.settings.stream, seq)
-            event = await bus.read(stored.subject, stored.data or b"", seq)
+            event = await bus.read(
+                stored.subject, stored.data or b"", seq, dict(stored.headers or {})
+            )
         except Exception as exc:
             log.error("%s: cannot read exhausted message from advisory: %r", role, exc)
             return
@@ -274,8 +279,30 @@ async def _watch_exhausted(bus: Bus, role: str, on_exhausted: ExhaustedHandler |
         try:
             if on_exhausted is not None:
                 await publish_outputs(bus, await on_exhausted(event, reason))
-            await bus.dead_letter(role, stored.data, reason, {"Groundloop-Stream-Seq": str(seq)})
+            await bus.dead_letter(
+                role,
+                stored.data,
+                reason,
+                {
+                    "Nats-Msg-Id": f"dead-letter.{role}.{seq}",
+                    "Groundloop-Subject": stored.subject,
+                    "Groundloop-Stream-Seq": str(seq),
+                },
+            )
         except Exception:
             log.exception("%s: recording the exhausted %s failed", role, describe(event))
 
     return await bus.nc.subscribe(subject, queue=role, cb=on_advisory)
+
+
+def letter_headers(original: dict[str, str], role: str, msg: Any) -> dict[str, str]:
+    """Headers of `role`'s dead letter for `msg`: the original's own (trace context) without
+    its `Nats-*` ones, whose message id or expected sequence would make the dead-letter stream
+    drop the letter (keeping one per message for all roles), plus where the message was."""
+    seq = msg.metadata.sequence.stream
+    return {
+        **{k: v for k, v in original.items() if not k.startswith("Nats-")},
+        "Nats-Msg-Id": f"dead-letter.{role}.{seq}",  # one per role and message
+        "Groundloop-Subject": msg.subject,
+        "Groundloop-Stream-Seq": str(seq),
+    }

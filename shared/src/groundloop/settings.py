@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,24 @@ class Settings(BaseSettings):
         description="where environments are found (default <prefix>/share/groundloop/environments, "
         "else ./environments)",
     )
+    nats_credentials_dir: Path | None = Field(
+        default=None,
+        description="folder with this role's nkey seed (<role>.nk) and every role's public keys "
+        "(public-keys.json); empty: the embedded broker's, if this data dir runs it, else none "
+        "(no authentication, events not verified)",
+    )
+    verify_events: bool | None = Field(
+        default=None,
+        description="check every event's signature and producer; empty: when credentials are "
+        "set. false reads a log written before authentication was switched on",
+    )
+    nats_tls_ca: Path | None = Field(
+        default=None, description="CA certificate that signed the broker's TLS certificate"
+    )
+    nats_tls_cert: Path | None = Field(
+        default=None, description="client certificate, when the broker verifies clients (mTLS)"
+    )
+    nats_tls_key: Path | None = Field(default=None, description="key of nats_tls_cert")
     subject_prefix: str = Field(
         default="gl", description="NATS subject prefix, so deployments can share an account"
     )
@@ -69,6 +87,14 @@ class Settings(BaseSettings):
     otlp_endpoint: str | None = Field(
         default=None, description="OTLP HTTP endpoint when traces is otlp"
     )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token the API's write endpoints (start, stop, fork a search) "
+        "require; empty: they are refused (the read API and dashboard need none)",
+    )
+    """A shared secret, not an identity: whoever holds it may start, stop and fork searches
+    through the API (`Authorization: Bearer <token>`). Set GROUNDLOOP_API_TOKEN to a long
+    random string (e.g. `python -c "import secrets; print(secrets.token_urlsafe(32))"`)."""
     log_level: str = Field(default="INFO", description="Python logging level")
     log_json: bool = Field(default=False, description="log one JSON object per line")
 

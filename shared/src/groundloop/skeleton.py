@@ -13,6 +13,9 @@ build its per-process dependencies from the settings and the bus, and its handle
 `deps(settings, bus, stop)` is an async context manager: whatever a role needs before its
 first event (a rebuild from the log, a worker pool, a database engine) is set up on entry
 and released on exit, and a background task (the evolver's deadline ticker) lives inside it.
+Every handled event is traced (groundloop.telemetry): the consumer's span carries the event's
+ids and the role, and an output that begins work of its own (IdeaProposed, GenerationAdvanced,
+RunRequested) is published with a trace of its own. `serve` flushes the spans on exit.
 `serve(..., beside=[...])` runs other parts of the process (the api's HTTP server) next to
 the role; when any part ends, the others are asked to stop.
 
@@ -33,6 +36,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from groundloop import telemetry
 from groundloop.bus import Bus
 from groundloop.consumer import Delivery, ExhaustedHandler, Reject, Retry, consume
 from groundloop.events import Event
@@ -76,12 +80,17 @@ async def run_role(role: Role[Any], settings: Settings, stop: asyncio.Event) -> 
         async with role.deps(settings, bus, stop) as deps:
 
             async def handler(event: Event, delivery: Delivery) -> list[Event]:
-                try:
-                    return await role.handle(event, delivery, deps)
-                except Retry as exc:
-                    if delivery.last_attempt and role.on_exhausted is None:
-                        raise Reject(f"{exc.reason} (still so on the last delivery)") from exc
-                    raise
+                # Inside the consumer's span: name its ids; outputs that begin work of their
+                # own (an idea, a generation) each get their own trace (groundloop.telemetry).
+                with telemetry.handling(role.name, event) as handling:
+                    try:
+                        outputs = await role.handle(event, delivery, deps)
+                    except Retry as exc:
+                        if delivery.last_attempt and role.on_exhausted is None:
+                            raise Reject(f"{exc.reason} (still so on the last delivery)") from exc
+                        raise
+                    handling.emitted(outputs)
+                    return outputs
 
             filters = role.filters(bus)
             log.info("%s: consuming %s (concurrency %d)", role.name, filters, role.concurrency)
@@ -111,12 +120,18 @@ def serve(
     SIGTERM or SIGINT. `role=None` runs the companions alone."""
     settings = Settings()
     configure_logging(settings)
-    configure_tracing(settings, name)
+    try:
+        configure_tracing(settings, name)
+    except ValueError as exc:  # a GROUNDLOOP_TRACES this process cannot honour
+        raise SystemExit(f"{name}: {exc}") from None
     parts = list(beside)
     if role is not None:
         make_role = role
         parts.insert(0, lambda s, stop: run_role(make_role(s), s, stop))
-    asyncio.run(_until_signalled(settings, parts))
+    try:
+        asyncio.run(_until_signalled(settings, parts))
+    finally:
+        telemetry.shutdown_tracing()  # export the spans still batched: the last events' work
 
 
 async def _until_signalled(settings: Settings, parts: list[Companion]) -> None:

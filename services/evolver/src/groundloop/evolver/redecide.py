@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from groundloop.events import Event, GenerationAdvanced
+from groundloop.search_index import fitting_events
 
 from .decisions import PRODUCER, Deps
 from .service import CONSUMED_TYPES, handle
@@ -86,7 +87,10 @@ def decision_payload(event: Event) -> dict[str, Any]:
 
 def redecide(recorded: list[Event], deps: Deps) -> RedecideReport:
     """Re-decide one recorded search with a fresh evolver built from `deps` (only its
-    environment lookup is used: states start empty and the clock replays the log's times)."""
+    environment lookup is used: states start empty and the clock replays the log's times).
+    Only events that fit the log are re-decided from (forged or inconsistent ones are skipped,
+    as every live reader skips them: `groundloop.search_index`)."""
+    recorded = fitting_events(recorded)
     search_ids = {e.search_id for e in recorded}
     if len(search_ids) != 1:
         raise ValueError(

@@ -6,7 +6,15 @@ PatchFailed, RunRequested, RunStarted, RunCompleted, SearchCompleted, SearchStop
 into `SearchState`), plus a periodic tick for generation deadlines. A stopped search is over:
 nothing more is emitted for it.
 Emits: RunRequested (purpose baseline / reeval), GenerationAdvanced (exactly once per
-generation: the bus refuses a second on the per-generation subject), SearchCompleted.
+generation: `publish_event` guards the per-generation subject), SearchCompleted.
+
+Garbage never changes a decision: every reading of the log (start-up replay, catch-up, the
+delivered event) folds only entries that `Bus.read` accepts and that fit their search's log
+up to their own stream sequence (`groundloop.search_index`: no idea never proposed, no run
+never asked for, no RunRequested but the evolver's), and of each once-per-subject event only
+the first valid one of the producer that writes it (`groundloop.guarded_publish`). A delivered
+misfit is quarantined and dead-lettered (Reject); one met while catching up is only skipped
+and quarantined: the replica it was delivered to dead-letters it.
 
     handle(event, deps) -> list[Event]     fold the event, then decide (pure apart from deps)
     tick(deps) -> list[Event]              decide for every active search (deadlines)
@@ -28,15 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from groundloop.bus import Bus
-from groundloop.consumer import Delivery
-from groundloop.events import (
-    EVENT_TYPES,
-    Event,
-    GenerationAdvanced,
-    PolicyUpdated,
-)
+from groundloop.consumer import Delivery, Reject
+from groundloop.events import EVENT_TYPES, Event, PolicyUpdated, encode
 from groundloop.execution.environment import Environment
+from groundloop.guarded_publish import publish_event
 from groundloop.quarantine import Quarantined as QuarantinedEntry
+from groundloop.search_index import SearchIndex, record_refusal
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -120,13 +125,15 @@ class EvolverLoop:
         self.bus, self.deps = bus, deps
         self.lock = asyncio.Lock()  # the consumer and the ticker never decide at once
         self.last_seq = 0
+        self.index = SearchIndex()  # the facts of the entries folded, by stream sequence
+        self._recorded: set[int] = set()  # misfits this process put in the quarantine
 
     async def rebuild(self) -> None:
         """Fold the whole log, then decide once for every search: a decision made before a
         crash but never published is published now."""
         count = 0
         async for seq, event in self.bus.raw_events():
-            self.deps.state(event.search_id).apply(event)
+            await self._fold(event, seq)
             self.last_seq, count = max(self.last_seq, seq), count + 1
         active = sum(1 for s in self.deps.states.values() if s.started and not s.ended)
         log.info(
@@ -141,10 +148,36 @@ class EvolverLoop:
     async def on_event(self, event: Event, delivery: Any) -> list[Event]:
         async with self.lock:
             msg = getattr(delivery, "msg", None)
-            if msg is not None:
-                await self._catch_up(msg.metadata.sequence.stream)
+            seq = getattr(delivery, "seq", 0) or (msg.metadata.sequence.stream if msg else 0)
+            if seq:
+                await self._catch_up(seq)
+                why = self.misfit(event, seq)
+                if why is not None:
+                    await self._record(event, seq, why)
+                    raise Reject(f"not folded: {why}")
             await self._publish(handle(event, self.deps))
         return []
+
+    def misfit(self, event: Event, seq: int) -> str | None:
+        """Why the event stored at `seq` must not be folded (None: fold it), recording its
+        facts when it fits. Entries come in log order, so the facts before `seq` are known."""
+        return self.index.observe(event, seq)
+
+    async def _fold(self, event: Event, seq: int) -> None:
+        why = self.misfit(event, seq)
+        if why is None:
+            self.deps.state(event.search_id).apply(event)
+        else:
+            await self._record(event, seq, why)
+
+    async def _record(self, event: Event, seq: int, why: str) -> None:
+        """Quarantine the misfit at `seq` (once: the broker keeps one record per entry)."""
+        if seq in self._recorded:
+            return
+        self._recorded.add(seq)
+        log.warning("evolver: not folding stream seq %d, %s: %s", seq, event.event_id, why)
+        subject = self.bus.subject_of(event)
+        await record_refusal(self.bus, seq, subject, encode(event), why)
 
     async def _catch_up(self, seq: int) -> None:
         """Fold every message before stream sequence `seq` not yet folded."""
@@ -153,7 +186,7 @@ class EvolverLoop:
             entry = await self.bus.read_stored(missing)
             if entry is None or isinstance(entry, QuarantinedEntry):
                 continue
-            self.deps.state(entry.search_id).apply(entry)
+            await self._fold(entry, missing)
         self.last_seq = max(self.last_seq, seq)
 
     async def tick_forever(self, stop: asyncio.Event, period: float) -> None:
@@ -175,9 +208,7 @@ class EvolverLoop:
 
     async def _publish(self, outputs: list[Event]) -> None:
         for out in outputs:
-            result = await self.bus.publish(
-                out, once_per_subject=isinstance(out, GenerationAdvanced)
-            )
+            result = await publish_event(self.bus, out)
             if result.refused or result.duplicate:
                 log.info(
                     "evolver: %s %s already in the log (%s)",
@@ -189,6 +220,10 @@ class EvolverLoop:
             log.info(
                 "evolver: published %s %s for search %s", out.TYPE, out.event_id, out.search_id
             )
+            why = self.misfit(out, result.seq)  # records its facts for the events that follow
+            if why is not None:  # every reader will skip it too: fold what they fold
+                log.error("evolver: its own %s does not fit the log: %s", out.event_id, why)
+                continue
             self.deps.state(out.search_id).apply(out)
             if result.seq == self.last_seq + 1:  # nothing else landed in between: no gap to read
                 self.last_seq = result.seq

@@ -16,10 +16,10 @@ from groundloop.events import GenerationAdvanced, ProposerInfo, SearchStarted, U
 from groundloop.execution.environment import Environment
 from groundloop.ideator.generation import Generated, IdeatorDeps, idea_event, plan_slots
 from groundloop.ideator.history import IdeaRecord, SearchHistory
-from groundloop.llm.idea_parsing import DuplicateFilter, ParsedIdea, parse_ideas_report
-from groundloop.llm.idea_prompts import SYSTEM, build_prompt, idea_schema, prompt_digest
 from groundloop.llm.client import LLMClient
 from groundloop.llm.errors import DollarBudgetSpent
+from groundloop.llm.idea_parsing import DuplicateFilter, ParsedIdea, parse_ideas_report
+from groundloop.llm.idea_prompts import SYSTEM, build_prompt, idea_schema, prompt_digest
 from groundloop.llm.pricing import add_usage, check_dollar_budget
 
 # Logs under the service's name: one component to operators.

@@ -60,6 +60,7 @@ from groundloop.ideator.llm_proposer import propose_llm
 from groundloop.ideator.llm_proposer import split_usage as split_usage
 from groundloop.llm.client import ClientCache, LLMError, LLMSettings
 from groundloop.llm.pricing import spent_usd
+from groundloop.search_index import fitting_events
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -197,7 +198,8 @@ class IdeatorContext:
 async def on_generation(event: Event, delivery: Delivery, ctx: IdeatorContext) -> list[Event]:
     if not isinstance(event, GenerationAdvanced):
         return []
-    logged = [e async for e in ctx.bus.events(event.search_id)]
+    # Only what fits the log: a forged result must not steer the search's ideas.
+    logged = fitting_events([e async for e in ctx.bus.events(event.search_id)])
     ended = next((e for e in logged if isinstance(e, (SearchCompleted, SearchStopped))), None)
     if ended is not None:  # a retried delivery of a search that is over: nothing to write
         log.info("%s: search %s already ended (%s)", describe(event), event.search_id, ended.TYPE)

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from groundloop import telemetry
 from groundloop.events import PreflightCheck, PreflightReport
 from groundloop.execution.environment import Environment, PrepareFailed, ProtectedFileChanged
 from groundloop.execution.run_protocol import protocol_limits
@@ -171,22 +172,33 @@ def run_preflight(
     smoke_seconds: float | None = None,
     limits: Limits | None = None,
 ) -> PreflightReport:
-    checks = [check_compiles(workspace, files_changed)]
-    if checks[-1].ok:
-        checks.append(check_protected(env, workspace))
-    if checks[-1].ok:
-        checks.append(
-            check_smoke(
-                env,
-                workspace,
-                scratch=scratch,
-                cache_dir=cache_dir,
-                seed=seed,
-                smoke_seconds=smoke_seconds,
-                limits=limits,
+    with telemetry.step("pre-flight") as span:
+        checks = [_traced(check_compiles(workspace, files_changed))]
+        if checks[-1].ok:
+            checks.append(_traced(check_protected(env, workspace)))
+        if checks[-1].ok:
+            checks.append(
+                _traced(
+                    check_smoke(
+                        env,
+                        workspace,
+                        scratch=scratch,
+                        cache_dir=cache_dir,
+                        seed=seed,
+                        smoke_seconds=smoke_seconds,
+                        limits=limits,
+                    )
+                )
             )
-        )
-    return PreflightReport(passed=all(c.ok for c in checks), checks=checks)
+        report = PreflightReport(passed=all(c.ok for c in checks), checks=checks)
+        span.set_attribute("groundloop.passed", report.passed)
+        return report
+
+
+def _traced(check: PreflightCheck) -> PreflightCheck:
+    """The check as a span of its own, timed by its own clock (it just ended)."""
+    telemetry.finished_step(f"pre-flight {check.name}", check.seconds, passed=check.ok)
+    return check
 
 
 def failure_detail(report: PreflightReport) -> str:

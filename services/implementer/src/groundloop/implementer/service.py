@@ -15,7 +15,9 @@ implementer refuses to start with any gap, and smoke runs refuse to run with one
 when over 256 KB; digests, files changed, attempts, usage, the pre-flight report, the
 manifest's resource class, seed = the manifest's first seed, patch_id =
 stable_id(idea_id, "patch")) or PatchFailed (stage, last error, attempts, usage). An idea
-whose search has no SearchStarted in the log yet is retried (SearchNotFound). The edit format
+whose search has no SearchStarted before it in the log is refused (quarantined, dead-lettered:
+groundloop.search_index reads the log up to the idea's own stream sequence, so a lagging
+log never refuses a real idea); `handle` alone retries it (SearchNotFound). The edit format
 is ImplementerSettings.edit_format, or by default the one that suits the model's strength
 (`edit_formats.default_edit_format`: whole files for local or small models). A model that is
 unreachable or not served would fail every idea: the idea gets PatchFailed and the
@@ -36,8 +38,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
+from groundloop import telemetry
 from groundloop.bus import Bus
-from groundloop.consumer import Delivery, Retry
+from groundloop.consumer import Delivery, Reject, Retry
 from groundloop.events import (
     Event,
     IdeaProposed,
@@ -65,6 +68,7 @@ from groundloop.implementer.candidates import check_candidate as check_candidate
 from groundloop.implementer.candidates import environment_sources
 from groundloop.implementer.knob_edit import KnobEditError, knob_sources
 from groundloop.implementer.llm_patch import (
+    Verdict,
     best_failure,
     build_prompt,
     default_edit_format,
@@ -76,6 +80,7 @@ from groundloop.implementer.outcomes import search_stopped as search_stopped
 from groundloop.llm.client import ClientCache, LLMError, LLMSettings
 from groundloop.llm.errors import DollarBudgetSpent
 from groundloop.llm.pricing import add_usage, check_dollar_budget, spent_usd
+from groundloop.search_index import LogIndex
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -112,7 +117,7 @@ def handle(event: Event, deps: ImplementerDeps) -> list[Event]:
     sources = environment_sources(env)
 
     def deterministic(diff: str, kind: Literal["none", "knobs"]) -> list[Event]:
-        verdict = check_candidate(env, diff, sources, deps, seed)
+        verdict = _checked(env, diff, sources, deps, seed)
         if not verdict.passed:
             return [patch_failed(event, deps, verdict.stage or "apply", verdict.error, 1)]
         assert isinstance(verdict.result, Candidate)  # a passing check carries its candidate
@@ -166,15 +171,17 @@ def _implement_with_model(
         client = BudgetedClient(client, budget, deps.spent_usd, deps.next_call_usd)
     fmt = settings.edit_format or default_edit_format(settings.model)
     prompt = build_prompt(env, event.title, event.text, fmt)
-    winner, results = implement(
-        client,
-        prompt,
-        env.editable_sources(),
-        lambda diff: check_candidate(env, diff, sources, deps, seed),
-        samples=settings.samples,
-        revisions=settings.revisions,
-        edit_format=fmt,
-    )
+    with telemetry.step("implement with model", model=settings.model, edit_format=fmt):
+        winner, results = implement(
+            client,
+            prompt,
+            env.editable_sources(),
+            # implement's thread pool does not inherit the trace context: carry it
+            telemetry.carried(lambda diff: _checked(env, diff, sources, deps, seed)),
+            samples=settings.samples,
+            revisions=settings.revisions,
+            edit_format=fmt,
+        )
     usage = add_usage(*(r.usage for r in results))
     attempts = sum(r.attempts for r in results)
     if winner is not None:
@@ -192,6 +199,18 @@ def _implement_with_model(
             return model_failed(event, deps, stopping[-1])
     stage, error = best_failure(results)
     return [patch_failed(event, deps, stage, error, attempts, usage)]
+
+
+def _checked(
+    env: Environment, diff: str, sources: dict[str, str], deps: ImplementerDeps, seed: int
+) -> Verdict:
+    """check_candidate (apply, materialise, pre-flight) in a span saying how it went."""
+    with telemetry.step("check candidate") as span:
+        verdict = check_candidate(env, diff, sources, deps, seed)
+        span.set_attributes(
+            {"groundloop.passed": verdict.passed, "groundloop.stage": verdict.stage or ""}
+        )
+        return verdict
 
 
 # ---------------------------------------------------------------------------- the service
@@ -214,6 +233,7 @@ class ImplementerContext:
         self.require_full_isolation = require_full_isolation
         self.loop = asyncio.get_running_loop()
         self.searches: dict[str, SearchStarted] = {}
+        self.log_index = LogIndex(bus)  # does the idea fit its search's log?
         self.stopped: dict[str, str] = {}  # search id -> why this process stopped it
         self.clients = ClientCache(llm_settings)
         self.work_dir = work_dir or settings.data_dir / "implementer"
@@ -247,6 +267,8 @@ class ImplementerContext:
 async def on_idea(event: Event, delivery: Delivery, ctx: ImplementerContext) -> list[Event]:
     if not isinstance(event, IdeaProposed):
         return []
+    if (why := await ctx.log_index.refusal(event, delivery.seq)) is not None:
+        raise Reject(f"not implemented: {why}")
     started = await ctx.find_search(event.search_id)
     stopped = ctx.stopped.get(event.search_id)
     spent, next_call = await ctx.spend(event.search_id, started)

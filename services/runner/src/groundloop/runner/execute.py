@@ -12,8 +12,10 @@ import functools
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 
+from groundloop import telemetry
 from groundloop.bus import describe
 from groundloop.consumer import Delivery, Retry
 from groundloop.events import Event, RunCompleted, RunStarted
@@ -56,9 +58,13 @@ async def run_one(
         / f"attempt-{delivery.attempt}"
     )
     workspace, run_dir = base / "workspace", base / "run"
+    telemetry.annotate(
+        run_id=spec.run_id, patch_id=spec.patch_id, idea_id=spec.idea_id, purpose=spec.purpose
+    )
     try:
         try:
-            made = await asyncio.to_thread(_fresh_workspace, env, workspace, diff)
+            with telemetry.step("materialise"):
+                made = await asyncio.to_thread(_fresh_workspace, env, workspace, diff)
         except PatchRejected as exc:
             log.warning("run %s: patch rejected, not run: %s", spec.run_id, exc.reason)
             reason = f"patch rejected: {exc.reason}"
@@ -144,18 +150,21 @@ async def _execute(
 
     def work() -> Execution | str:
         try:
-            return execute(
-                env,
-                workspace,
-                seed=spec.seed,
-                split=_split(env, spec),
-                device="cuda" if slot.devices else "cpu",
-                run_dir=run_dir,
-                cache_dir=cache_dir,
-                limits=limits,
-                extra_env=extra,
-                on_output=streamer.write,
-            )
+            with telemetry.step("run", seed=spec.seed, split=_split(env, spec)):
+                execution = execute(
+                    env,
+                    workspace,
+                    seed=spec.seed,
+                    split=_split(env, spec),
+                    device="cuda" if slot.devices else "cpu",
+                    run_dir=run_dir,
+                    cache_dir=cache_dir,
+                    limits=limits,
+                    extra_env=extra,
+                    on_output=streamer.write,
+                )
+                _trace_phases(execution)
+                return execution
         except ProtectedFileChanged as exc:
             return f"protected file changed: {exc}"
 
@@ -177,6 +186,17 @@ async def _execute(
             await task
             return None
     return task.result()
+
+
+def _trace_phases(execution: Execution) -> None:
+    """Training and evaluation as spans, timed by the sandbox: the evaluation is the run's last
+    step (without an `evaluate` command the score is judged from training's metrics as it ends)."""
+    now = time.time_ns()
+    evaluate_s = execution.evaluate.wall_seconds if execution.evaluate else 0.0
+    train_end = now - int(evaluate_s * 1e9)
+    telemetry.finished_step("train", execution.train.wall_seconds, train_end)
+    outcome = execution.outcome
+    telemetry.finished_step("evaluate", evaluate_s, now, status=outcome.status, score=outcome.score)
 
 
 def run_limits(runner: RunnerSettings, slot: Slot, resources: Resources) -> Limits:

@@ -11,6 +11,10 @@ finishes, any other is stopped and handed back (Retry) for another replica. Afte
 allowed delivery, `on_exhausted` records the run as failed. At start-up the sandbox
 protections each slot's runs get on this host are logged (a WARNING names every gap) and
 recorded in every RunStarted; `require_full_isolation` refuses to start with any gap.
+Only events that fit their search's log are run (groundloop.search_index): a PatchReady or
+RunRequested of a search never started, a PatchReady for an idea never proposed, a
+RunRequested not written by the evolver or for a patch never ready is refused (quarantined,
+dead-lettered) before anything runs, checked against the log up to the event's own sequence.
 
 `role(settings, runner)` declares the service for groundloop.skeleton;
 `await run(settings, runner, stop)` serves it.
@@ -24,11 +28,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from nats.js.errors import ObjectNotFoundError
 
 from groundloop.bus import Bus
-from groundloop.consumer import Delivery, Retry
+from groundloop.consumer import Delivery, Reject, Retry
 from groundloop.events import Event, PatchReady, RunRequested
 from groundloop.execution.bubblewrap import (
     IsolationUnavailable,
@@ -42,6 +47,7 @@ from groundloop.manifest import ManifestError
 from groundloop.runner.execute import run_one
 from groundloop.runner.runs import PRODUCER, RunnerDeps, RunSpec, completed, run_spec
 from groundloop.runner.slots import RunnerSettings, Slot, SlotPool, plan_slots, run_uid
+from groundloop.search_index import LogIndex
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -53,6 +59,7 @@ __all__ = [
     "consumer_name",
     "exhausted_handler",
     "handle",
+    "on_delivery",
     "role",
     "run",
     "run_spec",
@@ -60,6 +67,22 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedRunnerDeps(RunnerDeps):
+    """A served replica's dependencies: the process's and the log index its checks read."""
+
+    log_index: LogIndex | None = None
+
+
+async def on_delivery(event: Event, delivery: Delivery, deps: ServedRunnerDeps) -> list[Event]:
+    """Run the event only if it fits its search's log up to its own stream sequence."""
+    if deps.log_index is not None:
+        why = await deps.log_index.refusal(event, delivery.seq)
+        if why is not None:
+            raise Reject(f"not run: {why}")
+    return await handle(event, delivery, deps)
 
 
 async def handle(event: Event, delivery: Delivery, deps: RunnerDeps) -> list[Event]:
@@ -148,7 +171,7 @@ def consumer_name(resource_class: str) -> str:
     return f"runner-{resource_class}"
 
 
-def role(settings: Settings, runner: RunnerSettings) -> Role[RunnerDeps]:
+def role(settings: Settings, runner: RunnerSettings) -> Role[ServedRunnerDeps]:
     """The runner replica `runner` on the bus: one handler slot per run slot."""
     if runner.backend != "local":
         raise SystemExit(
@@ -161,7 +184,7 @@ def role(settings: Settings, runner: RunnerSettings) -> Role[RunnerDeps]:
     @contextlib.asynccontextmanager
     async def context(
         settings: Settings, bus: Bus, stop: asyncio.Event
-    ) -> AsyncIterator[RunnerDeps]:
+    ) -> AsyncIterator[ServedRunnerDeps]:
         protections = await asyncio.to_thread(slot_protections, runner, slots)
         swept = await asyncio.to_thread(sweep_orphaned_runs)
         if swept:
@@ -176,7 +199,7 @@ def role(settings: Settings, runner: RunnerSettings) -> Role[RunnerDeps]:
             [list(s.devices) for s in pool.slots],
         )
         try:
-            yield RunnerDeps(
+            yield ServedRunnerDeps(
                 settings,
                 runner,
                 pool,
@@ -186,6 +209,7 @@ def role(settings: Settings, runner: RunnerSettings) -> Role[RunnerDeps]:
                 shutdown=stop,
                 executor=executor,
                 protections=protections,
+                log_index=LogIndex(bus),
             )
         finally:
             executor.shutdown(wait=False)
@@ -195,7 +219,7 @@ def role(settings: Settings, runner: RunnerSettings) -> Role[RunnerDeps]:
         consumes=(PatchReady, RunRequested),
         key=runner.resource_class,
         deps=context,
-        handle=handle,
+        handle=on_delivery,
         connection=f"runner-{runner.runner_id}",
         concurrency=len(slots),
         on_exhausted=exhausted_handler(settings.max_deliver),

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from groundloop import events as ev
-from groundloop.bus import Bus
-from groundloop.cli.analysis import analyze_events
-from groundloop.cli.analysis_diversity import (
+from groundloop.analysis.analyze import analyze_events
+from groundloop.analysis.diversity import (
     DiversityError,
     TfidfSimilarity,
     choose_measure,
@@ -24,9 +23,10 @@ from groundloop.cli.analysis_diversity import (
     mean_pairwise,
     wordllama_measure,
 )
+from groundloop.analysis.idea_classes import classify_idea
+from groundloop.analysis.idea_judge import IdeaJudge, parse_verdict
+from groundloop.bus import Bus
 from groundloop.cli.history import publish_all
-from groundloop.cli.idea_classes import classify_idea
-from groundloop.cli.idea_judge import IdeaJudge, parse_verdict
 from groundloop.execution.diffs import make_diff
 from groundloop.llm.client import make_client
 from groundloop.settings import Settings
@@ -162,7 +162,9 @@ def test_distinct_fraction_and_tfidf_similarity_by_hand() -> None:
     # "a b" vs "a c": idf(a) = ln(3/3) + 1 = 1, idf(b) = idf(c) = ln(3/2) + 1
     w = math.log(1.5) + 1
     assert TfidfSimilarity().similarities(["a b", "a c"])[0][1] == pytest.approx(1 / (1 + w * w))
-    assert mean_pairwise([[1, 0.2, 0.4], [0.2, 1, 0.6], [0.4, 0.6, 1]], [0, 1, 2]) == pytest.approx(0.4)
+    assert mean_pairwise([[1, 0.2, 0.4], [0.2, 1, 0.6], [0.4, 0.6, 1]], [0, 1, 2]) == pytest.approx(
+        0.4
+    )
     assert mean_pairwise([[1.0]], [0]) is None
 
 
@@ -268,9 +270,7 @@ async def test_cli_writes_analysis_and_plots_for_two_searches(
         assert f"({name}.png)" in md
     written = json.loads((out / "analysis.json").read_text())
     assert [a["search_id"] for a in written] == ["src", "hand"]
-    expected = analyze_events(
-        source, sources=CONFIG, knob_names=KNOBS, measure=choose_measure()
-    )
+    expected = analyze_events(source, sources=CONFIG, knob_names=KNOBS, measure=choose_measure())
     assert written[0]["generations"] == json.loads(json.dumps(expected["generations"]))
     assert written[1]["totals"]["execution_rate"] == 3 / 5
     # an unknown search is an error that says where to look

@@ -21,6 +21,7 @@ verified, and the process says so once in its log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -30,15 +31,10 @@ import nats
 from nats.errors import AuthorizationError, ConnectionClosedError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import (
-    APIError,
-    BadRequestError,
-    KeyNotFoundError,
-    NoStreamResponseError,
-    NotFoundError,
-)
+from nats.js.errors import APIError, KeyNotFoundError, NoStreamResponseError, NotFoundError
 
-from groundloop import identity, telemetry
+from groundloop import bus_setup, identity, telemetry
+from groundloop.bus_setup import BrokerUnavailable as BrokerUnavailable
 from groundloop.events import Event, encode
 from groundloop.permissions import OPERATOR, ROLES, Names, inbox_prefix
 from groundloop.quarantine import KEPT_BYTES, Quarantined, read_entry
@@ -55,10 +51,6 @@ _TRANSIENT = (
     ConnectionClosedError,
     OSError,
 )
-
-
-class BrokerUnavailable(RuntimeError):
-    pass
 
 
 _said_unverified = {"once": False}
@@ -114,12 +106,19 @@ class Bus:
 
         closing = {"now": False}
 
+        servers = settings.nats_servers()
+        client: dict[str, Any] = {}  # the connection, for the callbacks to say which node
+
+        def node() -> str:
+            url = getattr(client.get("nc"), "connected_url", None)
+            return url.geturl() if url is not None else settings.nats_url or "?"
+
         async def on_disconnect() -> None:
             if not closing["now"]:
-                log.warning("bus %s: disconnected from %s, reconnecting", name, settings.nats_url)
+                log.warning("bus %s: disconnected from %s, reconnecting", name, node())
 
         async def on_reconnect() -> None:
-            log.info("bus %s: reconnected to %s", name, settings.nats_url)
+            log.info("bus %s: reconnected to %s", name, node())
 
         errors: list[Exception] = []  # the first connect retries forever; these say why
 
@@ -132,7 +131,10 @@ class Bus:
             # first connect gets its own deadline.
             nc = await asyncio.wait_for(
                 nats.connect(
-                    settings.nats_url,
+                    servers,
+                    # in the order given: the first is this process's preferred node, the
+                    # rest (and the nodes the cluster announces) are where it fails over to
+                    dont_randomize=True,
                     name=name,
                     connect_timeout=connect_timeout,
                     allow_reconnect=True,
@@ -164,77 +166,17 @@ class Bus:
                 "GROUNDLOOP_NATS_CREDENTIALS_DIR to the folder holding this role's seed (and "
                 "the server's config to its public key, deploy/nats/README.md)"
             ) from None
+        client["nc"] = nc
         bus = cls(settings, nc, role=who.role, signer=who.signer, verifier=who.verifier)
         bus._closing = closing
         await bus.ensure()
         return bus
 
     async def ensure(self) -> None:
-        """Create or update the stream, dead-letter stream, object store and KV (idempotent)."""
-        s = self.settings
-        await self._ensure_stream(
-            api.StreamConfig(
-                name=s.stream,
-                subjects=[f"{s.subject_prefix}.>"],
-                storage=api.StorageType.FILE,
-                retention=api.RetentionPolicy.LIMITS,
-                max_age=0,  # the log is never aged out
-                duplicate_window=s.duplicate_window_s,
-                allow_direct=True,
-            )
-        )
-        await self._ensure_stream(
-            api.StreamConfig(
-                name=s.dlq_stream,
-                subjects=[f"{s.subject_prefix}_dlq.>"],
-                storage=api.StorageType.FILE,
-                max_age=0,
-            )
-        )
-        await self._ensure_stream(
-            api.StreamConfig(
-                name=self.quarantine_stream,
-                subjects=[f"{s.subject_prefix}_quarantine.>"],
-                storage=api.StorageType.FILE,
-                max_age=0,
-            )
-        )
-        objects = api.ObjectStoreConfig(bucket=s.artifacts_bucket, storage=api.StorageType.FILE)
-        processed = api.KeyValueConfig(
-            bucket=self.names.processed_bucket, history=1, storage=api.StorageType.FILE
-        )
-        self._objects = await self._ensure_bucket(
-            self.js.object_store,
-            lambda: self.js.create_object_store(s.artifacts_bucket, config=objects),
-            s.artifacts_bucket,
-        )
-        self._processed = await self._ensure_bucket(
-            self.js.key_value, lambda: self.js.create_key_value(config=processed), processed.bucket
-        )
-
-    async def _ensure_stream(self, config: api.StreamConfig) -> None:
-        try:
-            await self.js.stream_info(config.name)
-        except NotFoundError:
-            try:
-                await self.js.add_stream(config)
-            except BadRequestError:  # another process created it between our two calls
-                pass
-            return
-        # Only roles that manage the bus may change an existing stream (a role's key must not
-        # be able to shrink the log's limits); the others use it as it is.
-        if self.signer is None or ROLES[self.role].manages:
-            await self.js.update_stream(config)
-
-    @staticmethod
-    async def _ensure_bucket(get, create, bucket: str) -> Any:
-        try:
-            return await get(bucket)
-        except (NotFoundError, APIError):
-            try:
-                return await create()
-            except BadRequestError:  # created by another process meanwhile
-                return await get(bucket)
+        """Create or update the streams, the object store and the KV (`groundloop.bus_setup`)."""
+        manages = self.signer is None or ROLES[self.role].manages
+        stores = await bus_setup.ensure(self.js, self.settings, self.names, manages=manages)
+        self._objects, self._processed = stores.objects, stores.processed
 
     async def close(self) -> None:
         self._closing["now"] = True
@@ -419,17 +361,7 @@ class Bus:
         """Every entry up to the log's current end, read through `read`: for readers that
         show garbage (`events tail`) rather than skip it."""
         subject = self.subject_filter(search_id=search_id or "*")
-        sub = await self.js.pull_subscribe(
-            subject,
-            stream=self.settings.stream,
-            config=api.ConsumerConfig(
-                ack_policy=api.AckPolicy.NONE,
-                deliver_policy=api.DeliverPolicy.ALL,
-                inactive_threshold=60.0,
-                max_waiting=1,
-            ),
-        )
-        try:
+        async with self.reader(subject) as sub:
             info = await sub.consumer_info()
             pending = info.num_pending
             while pending > 0:
@@ -441,7 +373,29 @@ class Bus:
                     pending = msg.metadata.num_pending
                     seq = msg.metadata.sequence.stream
                     yield seq, await self.read(msg.subject, msg.data, seq, msg.headers or {})
+
+    @contextlib.asynccontextmanager
+    async def reader(self, subject: str, start: int = 1) -> AsyncIterator[Any]:
+        """A temporary pull subscription on the log from sequence `start`, deleted on exit:
+        left to expire, every read would hold one of the stream's 1,000 consumers for a
+        minute, and a role reading per event (the rl-trainer, the ideator) reached the cap."""
+        sub = await self.js.pull_subscribe(
+            subject,
+            stream=self.settings.stream,
+            config=api.ConsumerConfig(
+                ack_policy=api.AckPolicy.NONE,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=max(start, 1),
+                inactive_threshold=60.0,  # a reader that dies without deleting it
+                max_waiting=1,
+            ),
+        )
+        try:
+            yield sub
         finally:
+            with contextlib.suppress(Exception):  # best effort: it expires anyway
+                name = (await sub.consumer_info()).name
+                await self.js.delete_consumer(self.settings.stream, name)
             await sub.unsubscribe()
 
     async def stream_state(self) -> dict[str, int]:

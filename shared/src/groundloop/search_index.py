@@ -30,7 +30,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js import api
 from nats.js.errors import APIError
 
 from groundloop import events as ev
@@ -177,19 +176,8 @@ class LogIndex:
 async def read_entries(bus: Bus, subject: str, start: int = 1, before: int = NOW) -> list[Entry]:
     """Entries on `subject` (a filter) from stream sequence `start` up to, not including,
     `before` (or the log's current end), each read through `Bus.read`."""
-    sub = await bus.js.pull_subscribe(
-        subject,
-        stream=bus.settings.stream,
-        config=api.ConsumerConfig(
-            ack_policy=api.AckPolicy.NONE,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(start, 1),
-            inactive_threshold=60.0,
-            max_waiting=1,
-        ),
-    )
     out: list[Entry] = []
-    try:
+    async with bus.reader(subject, start) as sub:
         pending, empty_fetches = (await sub.consumer_info()).num_pending, 0
         while pending > 0 and empty_fetches < 5:
             try:
@@ -202,8 +190,6 @@ async def read_entries(bus: Bus, subject: str, start: int = 1, before: int = NOW
                 if seq >= before:
                     return out
                 out.append((seq, await bus.read(msg.subject, msg.data, seq, msg.headers or {})))
-    finally:
-        await sub.unsubscribe()
     return out
 
 

@@ -22,14 +22,16 @@ def http_server(host: str, port: int) -> Companion:
     async def serve_http(settings: Settings, stop: asyncio.Event) -> None:
         import uvicorn
 
-        from groundloop.api.app import create_app
+        from groundloop.api.serve import server_config
 
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host=host, port=port, log_config=None)
-        )
+        # Bounded shutdown: an open dashboard tab's live feed never ends by itself.
+        config = server_config(settings, host, port)
+        app = config.app  # the FastAPI app itself (server_config passes it, not an import string)
+        server = uvicorn.Server(config)
 
         async def exit_on_stop() -> None:
             await stop.wait()
+            app.state.closing = True  # type: ignore[union-attr]  # live feeds end at once
             server.should_exit = True  # the projector ended: finish the requests in hand
 
         watcher = asyncio.create_task(exit_on_stop())

@@ -7,10 +7,17 @@ the result does not depend on arrival order) and writes its processed_events rec
 same transaction; it returns False, changing nothing, when this role already applied the
 event. `project_all(engine, events)` does the same for many events in batched transactions:
 the `replay rebuild` path (≥ 10,000 events/s into SQLite on two cores).
+
+Given (stream sequence, event) pairs, as `replay rebuild` reads the log, the events come in
+log order, and one that does not fit its search's log (groundloop.search_index: a search
+never started, an idea never proposed, a run never asked for) is left out, so no orphan row
+is created; the live projector refuses the same entries on delivery (the verdict depends
+only on the log before the entry), and they are recorded in the quarantine stream there.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -33,8 +40,11 @@ from groundloop.api.store import (
     SearchRow,
     as_utc,
 )
+from groundloop.search_index import SearchIndex
 
 ROLE = "projector"
+_LOG_INDEX = "groundloop.search_index"  # Connection.info key: the index of a bulk fold
+log = logging.getLogger(__name__)
 __all__ = ["FOLDS", "ROLE", "apply", "fold", "project_all"]
 
 
@@ -72,6 +82,7 @@ def apply(session: Session, event: ev.Event, role: str = ROLE, seq: int | None =
     commits (or rolls back, re-raising). False, changing nothing, if already processed."""
     try:
         conn = session.connection()
+        _lock_for_writing(conn)
         if _already_processed(conn, role, [event.event_id]):
             session.rollback()
             return False
@@ -91,6 +102,21 @@ def apply(session: Session, event: ev.Event, role: str = ROLE, seq: int | None =
     except BaseException:
         session.rollback()
         raise
+
+
+def _lock_for_writing(conn: Connection) -> None:
+    """Make the fold's reads part of its write transaction, so that two writers (projector
+    replicas) never both fold a row from the same old read and one overwrites the other's
+    change. PostgreSQL: `Rows(lock=True)` reads with SELECT … FOR UPDATE (a row not there yet
+    is inserted by one writer; the other's unique violation is retried by the consumer).
+    SQLite has no row locks, and pysqlite begins a transaction only at the first write, after
+    the reads: take the database's write lock up front (BEGIN IMMEDIATE; the busy timeout
+    queues the other writers)."""
+    if conn.dialect.name != "sqlite":
+        return
+    driver = conn.connection.dbapi_connection
+    if driver is not None and not driver.in_transaction:  # type: ignore[attr-defined]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def project_all(
@@ -121,7 +147,7 @@ def project_all(
 @contextmanager
 def bulk_connection(engine: Engine, *, durable: bool = False) -> Iterator[Connection]:
     """A connection for many batches; see project_all for what durable=False means."""
-    with engine.connect() as conn:
+    with engine.connect() as conn, _log_index(conn):
         if conn.dialect.name != "sqlite" or durable:
             yield conn
             return
@@ -135,6 +161,16 @@ def bulk_connection(engine: Engine, *, durable: bool = False) -> Iterator[Connec
             conn.exec_driver_sql(f"PRAGMA synchronous={previous}")
             conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)")  # syncs what was written
             conn.commit()
+
+
+@contextmanager
+def _log_index(conn: Connection) -> Iterator[None]:
+    """One SearchIndex for every batch folded through this connection (the log in order)."""
+    conn.info[_LOG_INDEX] = SearchIndex()
+    try:
+        yield
+    finally:
+        conn.info.pop(_LOG_INDEX, None)
 
 
 def project_batch(
@@ -162,7 +198,13 @@ def _apply_batch(conn: Connection, batch: list[tuple[int | None, ev.Event]], rol
     _prefetch(rows, [e for _, e in batch])
     now = datetime.now(UTC)  # one processing time per transaction
     applied = 0
+    index: SearchIndex | None = conn.info.get(_LOG_INDEX)
     for seq, event in batch:
+        if index is not None and seq is not None:
+            why = index.observe(event, seq)
+            if why is not None:
+                log.warning("not projected: stream seq %d, %s: %s", seq, event.event_id, why)
+                continue
         if event.event_id in done:
             continue
         done.add(event.event_id)

@@ -10,7 +10,7 @@ from sqlmodel import SQLModel, col, select
 from groundloop.api.deps import SessionDep, found
 from groundloop.api.store import IdeaRow, PatchRow, RunRow
 
-router = APIRouter(tags=["ideas"])
+router = APIRouter(tags=["ideas"], responses={404: {"description": "not found in the projections"}})
 
 MAX_LINEAGE_NODES = 1000
 

@@ -3,18 +3,26 @@ leaderboard."""
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Annotated, cast
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from sqlalchemy import func
 from sqlmodel import SQLModel, col, select
 
 from groundloop.api import ranking
-from groundloop.api.deps import Limit, Offset, SessionDep, search_or_404
+from groundloop.api.deps import SQL_INT_MAX, Limit, Offset, SessionDep, search_or_404
 from groundloop.api.store import GenerationRow, IdeaRow, PolicyRow, RunRow, SearchRow
 from groundloop.api.usage import model_usage
 
-router = APIRouter(prefix="/searches", tags=["searches"])
+Generation = Annotated[
+    int | None, Query(ge=-SQL_INT_MAX, le=SQL_INT_MAX, description="only this generation")
+]
+
+router = APIRouter(
+    prefix="/searches",
+    tags=["searches"],
+    responses={404: {"description": "not found in the projections"}},
+)
 
 
 class SearchDetail(SQLModel):
@@ -112,7 +120,7 @@ def get_search(search_id: str, session: SessionDep) -> SearchDetail:
 def list_ideas(
     search_id: str,
     session: SessionDep,
-    generation: int | None = None,
+    generation: Generation = None,
     status: str | None = None,
     mode: str | None = None,
     limit: Limit = 100,

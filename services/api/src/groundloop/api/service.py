@@ -3,7 +3,9 @@
 Consumes: every event of every search, through the durable consumer "projector" (one
 replica: the fold assumes a single writer per role, see projector.py). Emits: nothing.
 Each event's projection change and its processed_events record commit together, so a
-redelivery after a crash between commit and ack changes nothing.
+redelivery after a crash between commit and ack changes nothing. An event that does not fit
+its search's log (groundloop.search_index) is refused (quarantined, dead-lettered), the
+same entries `replay rebuild` leaves out: the verdict depends only on the log before it.
 
 `PROJECTOR` declares the role for groundloop.skeleton; `await run(settings, stop)` serves it.
 Run alone:  python -m groundloop.api --no-http
@@ -24,8 +26,9 @@ from sqlmodel import Session
 from groundloop.api.projector import ROLE, apply
 from groundloop.api.store import create_tables, make_engine
 from groundloop.bus import Bus, describe
-from groundloop.consumer import Delivery
+from groundloop.consumer import Delivery, Reject
 from groundloop.events import Event
+from groundloop.search_index import LogIndex
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ProjectorDeps:
     engine: Engine
+    log_index: LogIndex | None = None  # does an event fit its search's log?
 
 
 def handle(event: Event, deps: ProjectorDeps, seq: int | None = None) -> list[Event]:
@@ -48,18 +52,21 @@ def handle(event: Event, deps: ProjectorDeps, seq: int | None = None) -> list[Ev
 async def on_event(event: Event, delivery: Delivery, deps: ProjectorDeps) -> list[Event]:
     # Blocking SQL runs in a worker thread so the consumer loop keeps acking and heartbeating.
     seq = delivery.msg.metadata.sequence.stream if delivery.msg is not None else None
+    if deps.log_index is not None and seq is not None:
+        if (why := await deps.log_index.refusal(event, seq)) is not None:
+            raise Reject(f"not projected: {why}")
     return await asyncio.to_thread(handle, event, deps, seq)
 
 
 @contextlib.asynccontextmanager
 async def projections(
-    settings: Settings, _bus: Bus, _stop: asyncio.Event
+    settings: Settings, bus: Bus, _stop: asyncio.Event
 ) -> AsyncIterator[ProjectorDeps]:
     engine = make_engine(settings.resolved_db_url())
     try:
         create_tables(engine)
         log.info("projector: folding into %s", engine.url.render_as_string())
-        yield ProjectorDeps(engine)
+        yield ProjectorDeps(engine, LogIndex(bus))
     finally:
         engine.dispose()
 

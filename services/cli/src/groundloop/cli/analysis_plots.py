@@ -85,6 +85,8 @@ def write_plots(analyses: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]
         for a, color in zip(analyses, colors, strict=True):
             ax.plot(*series(a, key), marker="o", color=color, label=a["search_id"])
         ax.set_ylabel(label)
+        if panel == 1:
+            ax.set_ylim(-0.05, 1.05)  # a fraction: a flat 1.0 must not look like noise
         measure = analyses[0]["diversity"]["measure"] if analyses else ""
         ax.set_title(f"idea similarity ({measure})" if panel == 0 else "distinct ideas")
 

@@ -1,5 +1,5 @@
 """`groundloop analyze SEARCH [SEARCH…]`: read each search's events from the log, analyse
-them (analysis.py) and write a folder:
+them (groundloop.analysis) and write a folder:
 
     analysis.md      per search: execution rate and failure reasons, hyper-parameter vs
                      algorithmic ideas (by patch, and by the LLM judge with --judge-model),
@@ -24,16 +24,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from groundloop import events as ev
+from groundloop.analysis.diversity import DiversityError, SimilarityMeasure, choose_measure
+from groundloop.analysis.from_log import analyze_logged
+from groundloop.analysis.idea_judge import IdeaJudge
 from groundloop.bus import Bus
-from groundloop.cli.analysis import analyze_events
-from groundloop.cli.analysis_diversity import DiversityError, SimilarityMeasure, choose_measure
 from groundloop.cli.analysis_plots import write_plots
-from groundloop.cli.history_commands import read_search
 from groundloop.cli.history_error import HistoryError
-from groundloop.cli.idea_judge import IdeaJudge
-from groundloop.execution.environment import Environment
-from groundloop.manifest import ManifestError
 from groundloop.settings import Settings
 
 console = Console()
@@ -46,60 +42,24 @@ async def analyze_searches(
     measure: SimilarityMeasure | None = None,
     judge: IdeaJudge | None = None,
 ) -> list[dict[str, Any]]:
-    """One analyze_events() dict per search, read from the log (HistoryError if a search
-    has no events); patches are classified against the environment's files when it is
-    installed here, by their diff's lines otherwise (the dict's "class_basis" says which)."""
+    """One analysis dict per search, read from the log (HistoryError if a search has no
+    events) by the library the API serves too (groundloop.analysis.from_log); patches are
+    classified against the environment's files when it is installed here, by their diff's
+    lines otherwise (the dict's "class_basis" says which)."""
     out = []
-    for search_id in search_ids:
-        events = await read_search(settings, search_id)
-        diffs = await _large_diffs(settings, events)
-        started = next((e for e in events if isinstance(e, ev.SearchStarted)), None)
-        env, basis = _environment(settings, started)
-        analysis = analyze_events(
-            events,
-            sources=env.editable_sources() if env else None,
-            knob_names=[k.name for k in env.manifest.knobs] if env else (),
-            diffs=diffs,
-            measure=measure,
-            judge=judge,
-        )
-        analysis["class_basis"] = basis
-        analysis["metric"] = (
-            {"name": env.manifest.metric.name, "direction": env.manifest.metric.direction}
-            if env
-            else None
-        )
-        out.append(analysis)
-    return out
-
-
-async def _large_diffs(settings: Settings, events: list[ev.Event]) -> dict[str, str]:
-    keys = {
-        e.diff_key for e in events if isinstance(e, ev.PatchReady) and e.diff is None and e.diff_key
-    }
-    if not keys:
-        return {}
     bus = await Bus.connect(settings, "cli-analyze")
     try:
-        return {key: (await bus.get_artifact(key)).decode() for key in keys}
+        for search_id in search_ids:
+            analysis = await analyze_logged(bus, settings, search_id, measure=measure, judge=judge)
+            if analysis is None:
+                raise HistoryError(
+                    f"no events for search {search_id!r} in stream {settings.stream}; "
+                    "`groundloop searches` lists the searches"
+                )
+            out.append(analysis)
     finally:
         await bus.close()
-
-
-def _environment(
-    settings: Settings, started: ev.SearchStarted | None
-) -> tuple[Environment | None, str]:
-    if started is None:
-        return None, "the diff's lines (the log has no SearchStarted)"
-    try:
-        env = Environment.load(started.environment, settings.environments_dir)
-    except (ManifestError, OSError):
-        return None, f"the diff's lines (environment {started.environment} is not installed here)"
-    same = env.digest() == started.environment_digest
-    return env, (
-        f"syntax trees of {env.name}'s files"
-        + ("" if same else " (changed since the search ran; diffs that no longer apply: lines)")
-    )
+    return out
 
 
 # ---------------------------------------------------------------------------- the folder
@@ -165,7 +125,7 @@ def _search_section(a: dict[str, Any]) -> list[str]:
         f"- ideas: {t['ideas']}, with a valid run: {t['valid']}, pending: {t['pending']}; "
         f"execution rate {_f(t['execution_rate'])}",
         f"- why ideas have no valid run: {failures}",
-        f"- baseline score{better}: {_f(a['baseline']['mean'])} (mean of {len(a['baseline']['scores'])} runs)",
+        f"- baseline score{better}: {_f(a['baseline']['mean'])} (mean of {_runs(len(a['baseline']['scores']))})",
         f"- classes by patch (read from {a.get('class_basis', 'the diff')}): "
         + "; ".join(_class_text(k, v) for k, v in c.items() if v["ideas"]),
     ]
@@ -211,6 +171,10 @@ def _class_text(label: str, stats: dict[str, Any]) -> str:
         f"{label} {stats['ideas']} ideas, {stats['valid']} valid, mean score "
         f"{_f(stats['mean_score'])}, best {_f(stats['best_score'])}"
     )
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
 
 
 def _f(value: float | None) -> str:

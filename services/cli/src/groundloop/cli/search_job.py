@@ -27,6 +27,7 @@ import typer
 from sqlmodel import Session
 
 from groundloop import events as ev
+from groundloop import telemetry
 from groundloop.api.store import make_engine
 from groundloop.bus import Bus
 from groundloop.cli.gpus import GpuPlan, plan_gpus
@@ -43,6 +44,7 @@ from groundloop.cli.search_settings import (
     search_started_event,
 )
 from groundloop.execution.environment import Environment
+from groundloop.search_request import default_deadline as default_deadline
 from groundloop.settings import Settings
 from groundloop.telemetry import configure_logging
 
@@ -57,17 +59,6 @@ def default_slots(env: Environment) -> int:
     if env.manifest.resource_class != "cpu":
         return 1
     return max(1, ((os.cpu_count() or 1) - 1) // env.manifest.resources.cpus)
-
-
-def default_deadline(env: Environment, ideas: int, slots: int) -> float:
-    """A generation closes after this long even if some idea never became terminal (an
-    ideator that wrote fewer ideas than planned, a lost message): three times the time its
-    runs and pre-flights need back to back, and at least ten minutes."""
-    budget = env.manifest.budget
-    per_idea = (
-        budget.wall_seconds + budget.grace_seconds + budget.eval_seconds + budget.smoke_seconds
-    )
-    return max(600.0, 3.0 * per_idea * ideas / max(slots, 1))
 
 
 async def run_services(
@@ -117,6 +108,8 @@ async def run_search(
     with_runner: bool = True,
     llm_settings: object | None = None,
     gpus: GpuPlan | None = None,
+    with_trainer: bool = True,
+    ui_port: int | None = None,
 ) -> Path | None:
     """Run the search to its end; the report folder, or None when interrupted (resumable).
     Raises SearchEndedBadly, after writing the report where there is one, when the search
@@ -146,11 +139,28 @@ async def run_search(
         with_runner=with_runner,
         llm_settings=llm_settings,
         gpus=gpus,
-        with_trainer=started.rl is not None,
+        with_trainer=with_trainer and started.rl is not None,
     )
+    dashboard = None
+    if ui_port is not None:
+        from groundloop.api.serve import DashboardError, start_dashboard
+
+        try:
+            try:
+                dashboard = await start_dashboard(settings, "127.0.0.1", ui_port)
+            except DashboardError as exc:  # e.g. another search's dashboard holds the port
+                console.print(f"[yellow]{exc}; serving the dashboard on a free port instead[/]")
+                dashboard = await start_dashboard(settings, "127.0.0.1", 0)
+            console.print(f"dashboard: {dashboard.url}")
+        except DashboardError as exc:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise SearchEndedBadly(str(exc)) from None
     try:
         ended = await watch(settings, started.search_id, stop, tasks)
     finally:
+        if dashboard is not None:
+            await dashboard.stop()
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
     if ended is None:
@@ -259,6 +269,14 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
         runner: Annotated[
             bool, typer.Option(help="run a local runner (off: use remote runner replicas)")
         ] = True,
+        trainer: Annotated[
+            bool,
+            typer.Option(help="rl/hybrid: run the rl-trainer here (off: a remote one serves it)"),
+        ] = True,
+        ui: Annotated[
+            bool, typer.Option(help="serve the dashboard on 127.0.0.1 while the search runs")
+        ] = True,
+        ui_port: Annotated[int, typer.Option(help="dashboard port (0: any free port)")] = 8765,
         report_dir: Annotated[Path | None, typer.Option(help="default: <data dir>/reports")] = None,
         price: Annotated[
             list[str] | None,
@@ -288,6 +306,11 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
             if sys.stdout.isatty()
             else settings
         )
+        try:
+            telemetry.configure_tracing(settings, "search")  # every role of this process
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from None
         environment = Environment.load(env, settings.environments_dir)
         llm_settings = llm_overrides(model, model_concurrency, max_output_tokens, price)
         gpu_plan = plan_gpus(environment, runner)
@@ -339,6 +362,8 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
                         with_runner=runner,
                         llm_settings=llm_settings,
                         gpus=gpu_plan,
+                        with_trainer=trainer,
+                        ui_port=ui_port if ui else None,
                     )
                 )
 
@@ -347,6 +372,8 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
             except SearchEndedBadly as exc:
                 console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
+            finally:
+                telemetry.shutdown_tracing()  # export the last spans before the process exits
         if result and result[0] is not None:
             console.print(f"[green]done[/]: report in {result[0]}")
             print(

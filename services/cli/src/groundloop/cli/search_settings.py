@@ -8,12 +8,12 @@ import typer
 from rich.console import Console
 
 from groundloop import events as ev
+from groundloop import search_request
 from groundloop.execution.environment import Environment
+from groundloop.search_request import EDIT_FORMATS as EDIT_FORMATS
+from groundloop.search_request import STRATEGIES as STRATEGIES
 
 console = Console()
-
-STRATEGIES = ("evolution", "best_of_n", "rl", "hybrid")
-EDIT_FORMATS = ("diff", "search-replace", "whole-file")  # ImplementerSettings.edit_format
 # SearchCompleted reasons of a search that could not run (decisions.py); they exit non-zero.
 FAILED_REASONS = ("cannot run this search", "baseline failed")
 
@@ -58,45 +58,30 @@ def search_started_event(
     llm_settings: object | None = None,
     rl: ev.RLSettings | None = None,
 ) -> ev.SearchStarted:
-    proposer = (
-        ev.ProposerSettings(kind="llm", model=model, ideas_per_call=ideas_per_call)
-        if model
-        else ev.ProposerSettings(kind="knobs")
-    )
-    implementer = (
-        ev.ImplementerSettings(
-            kind="llm",
-            model=implementer_model or model,
-            samples=samples,
-            revisions=revisions,
-            edit_format=edit_format,  # type: ignore[arg-type]  # checked by check_choice
-        )
-        if model
-        else ev.ImplementerSettings(kind="knobs")
-    )
+    """groundloop.search_request's SearchStarted (the API builds it the same way), with the
+    price table checked here: a hosted model with no price exits 2 naming --price."""
     prices: dict[str, ev.ModelPrice] = {}
     if model:  # the table in force is part of the record, so costs can be audited later
         prices = checked_prices([model, implementer_model or model], llm_settings)
-    return ev.SearchStarted(
-        event_id=ev.stable_id(search_id, "SearchStarted"),
-        search_id=search_id,
-        producer="cli",
-        environment=env.name,
-        environment_digest=env.digest(),
-        strategy=strategy,  # type: ignore[arg-type]
-        config=ev.SearchConfig(
-            generations=generations,
-            ideas_per_generation=ideas,
-            baseline_seeds=baseline_seeds,
-            final_top_k=final_top_k,
-            final_seeds=final_seeds,
-            generation_deadline_s=deadline,
-            budgets=budgets,
-        ),
-        proposer=proposer,
-        implementer=implementer,
-        price_table=prices,
+    return search_request.search_started_event(
+        search_id,
+        env,
+        strategy=strategy,
+        generations=generations,
+        ideas=ideas,
         seed=seed,
+        model=model,
+        implementer_model=implementer_model,
+        baseline_seeds=baseline_seeds,
+        final_top_k=final_top_k,
+        final_seeds=final_seeds,
+        budgets=budgets,
+        deadline=deadline,
+        price_table=prices,
+        ideas_per_call=ideas_per_call,
+        samples=samples,
+        revisions=revisions,
+        edit_format=edit_format,
         rl=rl,
     )
 
@@ -104,20 +89,13 @@ def search_started_event(
 def checked_prices(models: list[str], llm_settings: object | None) -> dict[str, ev.ModelPrice]:
     """The price table in force, with an entry for every model; exit 2 naming --price for a
     hosted model with no price. A server on this machine is recorded at $0 and said so."""
-    from groundloop.llm.client import LLMError, LLMSettings, ModelSpec, model_price, price_table
-
-    settings = llm_settings if isinstance(llm_settings, LLMSettings) else LLMSettings()
     try:
-        table = price_table(settings)
-        for name in dict.fromkeys(models):
-            spec = ModelSpec.parse(name)
-            price = model_price(spec, settings, table)
-            if price is not None and spec.label not in table and spec.model not in table:
-                table[spec.label] = price  # local: recorded as free, so the report shows $0
-                console.print(f"{spec.label} is a server on this machine: its calls cost $0")
-    except (LLMError, ValueError) as exc:
+        table, notes = search_request.priced_models(models, llm_settings)
+    except ValueError as exc:  # LLMError subclasses that are ValueErrors, and bad model specs
         console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    for note in notes:
+        console.print(note)
     return table
 
 

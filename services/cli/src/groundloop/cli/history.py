@@ -31,6 +31,7 @@ from groundloop.cli.paper_trajectories import MAX_IMPORTED_DIFF_BYTES as MAX_IMP
 from groundloop.cli.paper_trajectories import PAPER_FIELDS as PAPER_FIELDS
 from groundloop.cli.paper_trajectories import export_paper as export_paper
 from groundloop.cli.paper_trajectories import import_paper as import_paper
+from groundloop.guarded_publish import publish_event
 
 if TYPE_CHECKING:
     from groundloop.bus import Bus
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
 
 async def publish_all(bus: Bus, events: list[ev.Event]) -> int:
     """Publish in order; returns how many the log stored anew (re-publishing the same fork or
-    import stores nothing: same ids; GenerationAdvanced goes once per generation subject)."""
+    import stores nothing: same ids; a once-per-subject event, e.g. GenerationAdvanced, goes
+    once per subject, and a stray message on that subject cannot take its place)."""
     stored = 0
     for event in events:
-        result = await bus.publish(event, once_per_subject=isinstance(event, ev.GenerationAdvanced))
+        result = await publish_event(bus, event)
         stored += not (result.duplicate or result.refused)
     return stored

@@ -95,6 +95,7 @@ def _plot(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         path.with_suffix(".txt").write_text("matplotlib is not installed: no RL plot\n")
         return
@@ -128,6 +129,7 @@ def _plot(
             bottom.axvline(xi, color="red", alpha=0.2)
     bottom.set_ylim(-0.05, 1.05)
     bottom.set_xlabel("generation")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

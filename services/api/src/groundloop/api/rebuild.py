@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from groundloop.api.store import PROJECTION_TABLES, create_tables, make_engine
 from groundloop.bus import Bus
+from groundloop.events import Event
 from groundloop.settings import Settings
 
 SWAPPABLE = ("sqlite", "postgresql")
@@ -44,8 +46,15 @@ class RebuildReport:
         return self.events / self.seconds if self.seconds else 0.0
 
 
-async def rebuild(settings: Settings, batch_size: int = 1000) -> RebuildReport:
-    """Fold the whole log into new tables, then swap them in for the projections."""
+# What a rebuild folds: (stream seq, event) pairs in stream order, read over the given bus.
+Source = Callable[[Bus], AsyncIterator[tuple[int, Event]]]
+
+
+async def rebuild(
+    settings: Settings, batch_size: int = 1000, source: Source | None = None
+) -> RebuildReport:
+    """Fold the whole log (or `source`, e.g. the log with archived searches merged back in)
+    into new tables, then swap them in for the projections."""
     url = settings.resolved_db_url()
     backend = make_url(url).get_backend_name()
     if backend not in SWAPPABLE:
@@ -62,7 +71,7 @@ async def rebuild(settings: Settings, batch_size: int = 1000) -> RebuildReport:
             scratch = make_engine(f"sqlite:///{path}")
             try:
                 create_tables(scratch)
-                report = await _fold(settings, scratch, batch_size)
+                report = await _fold(settings, scratch, batch_size, source)
             finally:
                 scratch.dispose()
             _swap(target, path)
@@ -79,7 +88,9 @@ def _scratch_dir(url: str) -> str | None:
     return None
 
 
-async def _fold(settings: Settings, engine: Engine, batch_size: int) -> RebuildReport:
+async def _fold(
+    settings: Settings, engine: Engine, batch_size: int, source: Source | None
+) -> RebuildReport:
     from groundloop.api.projector import (  # the read side owns the fold
         bulk_connection,
         project_batch,
@@ -96,7 +107,8 @@ async def _fold(settings: Settings, engine: Engine, batch_size: int) -> RebuildR
         # One connection for the whole log (one final sync). Folding runs in this thread
         # between reads: a worker thread would fight the event loop for the GIL.
         with bulk_connection(engine) as conn:
-            async for pair in bus.raw_events(batch=batch_size):  # (stream seq, event)
+            pairs = source(bus) if source else bus.raw_events(batch=batch_size)
+            async for pair in pairs:  # (stream seq, event)
                 batch.append(pair)
                 if len(batch) >= batch_size:
                     applied += project_batch(conn, batch)

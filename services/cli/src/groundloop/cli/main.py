@@ -25,9 +25,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from groundloop.archive import archived_note
 from groundloop.broker import DEFAULT_PORT, BrokerError, EmbeddedBroker
 from groundloop.bus import BrokerUnavailable, Bus
 from groundloop.events import Event
+from groundloop.permissions import Names
 from groundloop.quarantine import Quarantined
 from groundloop.settings import Settings
 from groundloop.telemetry import configure_logging
@@ -47,7 +49,7 @@ def connected_settings(settings: Settings) -> Iterator[Settings]:
         yield settings
         return
     try:
-        with EmbeddedBroker(settings.data_dir) as broker:
+        with EmbeddedBroker(settings.data_dir, names=Names.of(settings)) as broker:
             if broker.owned:
                 console.print(f"[dim]embedded nats-server on {broker.url}, store {broker.root}[/]")
             yield settings.model_copy(update={"nats_url": broker.url})
@@ -115,7 +117,7 @@ def broker(port: Annotated[int, typer.Option(help="client port")] = DEFAULT_PORT
     # Before the broker starts: no window for a raw Ctrl-C.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    instance = EmbeddedBroker(settings.data_dir, port)
+    instance = EmbeddedBroker(settings.data_dir, port, names=Names.of(settings))
     with instance:
         if not instance.owned:
             console.print(f"a broker for {settings.data_dir} is already running on {instance.url}")
@@ -146,6 +148,8 @@ def events_tail(
             async for seq, entry in bus.entries(search):
                 console.print(format_entry(entry), highlight=False, soft_wrap=True)
                 last = seq
+            if search and not last and (note := await archived_note(bus, search)):
+                console.print(note, highlight=False, soft_wrap=True)  # compacted: say where
             while follow:
                 await asyncio.sleep(0.5)
                 async for seq, entry in bus.entries(search):
@@ -186,9 +190,16 @@ def events_dead_letters(
 
 
 @replay_app.command("rebuild")
-def replay_rebuild() -> None:
-    """Replay the whole log into new projection tables and swap them in when done."""
+def replay_rebuild(
+    from_archive: Annotated[
+        list[str] | None,
+        typer.Option(help="archives (files, folders or search ids) to fold back in (repeatable)"),
+    ] = None,
+) -> None:
+    """Replay the whole log into new projection tables and swap them in when done; with
+    --from-archive, compacted searches are folded back in from their archives."""
     from groundloop.api.rebuild import RebuildRefused, rebuild
+    from groundloop.cli.archive_commands import rebuild_from_archives
 
     settings = Settings()
     configure_logging(settings)
@@ -197,7 +208,9 @@ def replay_rebuild() -> None:
 
         async def go() -> None:
             try:
-                result.append(await rebuild(s))
+                result.append(
+                    await (rebuild_from_archives(s, from_archive) if from_archive else rebuild(s))
+                )
             except RebuildRefused as exc:
                 console.print(f"[red]{exc}[/]")
                 raise typer.Exit(2) from None
@@ -257,12 +270,15 @@ def _fmt(value: float | None) -> str:
 
 def main() -> None:
     # Imported here: these pull in every service, which the backbone commands don't need.
-    from groundloop.cli import analysis_report, search_job
+    from groundloop.cli import analysis_report, archive_commands, search_job
     from groundloop.cli import history_commands as history_cli
+    from groundloop.cli.ui import ui
 
     search_job.register(app, replay_app)  # `search`
     history_cli.register(app, replay_app)  # `replay re-decide`, `replay fork`, `export`, `import`
     analysis_report.register(app)  # `analyze`
+    archive_commands.register(app)  # `archive` (save, compact, show, verify, restore, rebuild)
+    app.command("ui")(ui)  # the dashboard for any store, live or finished
     app()
 
 

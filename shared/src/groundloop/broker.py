@@ -11,6 +11,9 @@ Authentication is on unless asked otherwise: the server generates one nkey per r
 dir finds those credentials by itself (`embedded_credentials`). Serving more names (tests:
 one subject prefix per test) rewrites the config and reloads the server in place.
 
+`groundloop.broker_cluster.NatsCluster` starts N such servers as one JetStream cluster on
+loopback (`ClusterRoutes`: routes between them, one store dir per node).
+
 Run alone:  groundloop broker   (foreground, Ctrl-C stops it)
 """
 
@@ -90,12 +93,32 @@ class TlsFiles:
         return "tls {\n" + "\n".join(lines) + "\n  timeout: 2\n}\n"
 
 
+@dataclass(frozen=True)
+class ClusterRoutes:
+    """This node's place in a cluster: its name, the cluster's name, the port it listens on
+    for routes from its peers and the peers' route ports it dials."""
+
+    server_name: str
+    cluster_name: str
+    port: int
+    peer_ports: tuple[int, ...]
+
+    def block(self) -> str:
+        routes = ", ".join(json.dumps(f"nats-route://127.0.0.1:{p}") for p in self.peer_ports)
+        return (
+            f"server_name: {json.dumps(self.server_name)}\n"
+            f"cluster {{\n  name: {json.dumps(self.cluster_name)}\n"
+            f"  listen: 127.0.0.1:{self.port}\n  routes: [{routes}]\n}}\n"
+        )
+
+
 @dataclass
 class NatsServer:
     """One nats-server process with JetStream storing under `store_dir`. With `credentials`
     (a folder) every role logs in with its generated nkey and gets the permissions of
     `names`; `anonymous_role` lets clients without credentials in as that role (for tests
-    whose subprocesses carry none); `tls` serves TLS only."""
+    whose subprocesses carry none); `tls` serves TLS only. `cluster` makes it one node of a
+    cluster (`NatsCluster`), `monitor_port` serves the HTTP monitoring endpoints (/jsz)."""
 
     store_dir: Path
     port: int
@@ -105,7 +128,10 @@ class NatsServer:
     names: list[Names] = field(default_factory=lambda: [Names()])
     anonymous_role: str | None = None
     tls: TlsFiles | None = None
+    cluster: ClusterRoutes | None = None
+    monitor_port: int | None = None
     _anonymous_password: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
+    _log_start: int = field(default=0, repr=False)  # where this start's log lines begin
 
     @property
     def url(self) -> str:
@@ -122,6 +148,10 @@ class NatsServer:
             f"listen: 127.0.0.1:{self.port}\nmax_payload: {8 * 1024 * 1024}\n"
             f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}\n"
         )
+        if self.cluster is not None:
+            text += self.cluster.block()
+        if self.monitor_port is not None:
+            text += f"http: 127.0.0.1:{self.monitor_port}\n"
         if self.tls is not None:
             text += self.tls.block()
         if self.credentials is not None:
@@ -132,11 +162,24 @@ class NatsServer:
             text += authorization_block(self.names, keys, anonymous=anonymous)
         return text
 
+    @property
+    def log_path(self) -> Path:
+        return self.store_dir / "nats-server.log"
+
     def start(self, timeout: float = 15.0) -> NatsServer:
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (a cluster starts every node, then waits:
+        a node's JetStream needs its peers)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_text())
         self.config_path.chmod(0o600)
-        log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - lives with the process
+        # A restart appends to the log: readiness is judged on this start's lines only.
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
             [find_nats_server(), "-c", str(self.config_path)],
             stdout=log,
@@ -144,8 +187,6 @@ class NatsServer:
             start_new_session=True,
         )
         self.pid = self.process.pid
-        self.wait_ready(timeout)
-        return self
 
     def serve(self, names: Names, timeout: float = 10.0) -> None:
         """Also grant the roles their permissions on `names` (reloading a running server)."""
@@ -167,12 +208,11 @@ class NatsServer:
     def wait_ready(self, timeout: float) -> None:
         """Wait for the client port and the JetStream-ready line rather than sleeping."""
         deadline = time.monotonic() + timeout
-        log_path = self.store_dir / "nats-server.log"
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+                tail = _since(self.log_path, self._log_start)[-2000:]
                 raise BrokerError(f"nats-server exited with {self.process.returncode}:\n{tail}")
-            if port_open(self.port) and "Server is ready" in _tail(log_path):
+            if port_open(self.port) and "Server is ready" in _since(self.log_path, self._log_start):
                 return
             time.sleep(0.02)
         raise BrokerError(f"nats-server on port {self.port} not ready after {timeout:.0f}s")
@@ -192,12 +232,25 @@ class NatsServer:
                 self.process.wait()
         self.process = None
 
+    @property
+    def server_name(self) -> str | None:
+        """This node's server name in its cluster (None: not clustered)."""
+        return self.cluster.server_name if self.cluster else None
+
     def kill(self) -> None:
         """SIGKILL: the crash tests' broker failure."""
         self.stop(signal.SIGKILL)
 
 
 RELOADED = "Reloaded server configuration"
+
+
+def _since(path: Path, offset: int) -> str:
+    """The log written from byte `offset` on (at most its last 64 KiB)."""
+    if not path.exists():
+        return ""
+    size = path.stat().st_size
+    return _tail(path, min(65536, max(0, size - offset)))
 
 
 def _tail(path: Path, size: int = 65536) -> str:

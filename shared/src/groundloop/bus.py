@@ -44,6 +44,10 @@ from groundloop.settings import Settings
 log = logging.getLogger(__name__)
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream error code: expected-last-subject-sequence mismatch
+# How long one publish waits for its ack before sending again. A publish written to a node
+# that has just died is lost without an answer; waiting the full API timeout (10 s) for it
+# stalled every producer that long on a cluster failover. Resending is safe (Nats-Msg-Id).
+PUBLISH_ATTEMPT_S = 2.0
 _TRANSIENT = (
     NatsTimeout,
     asyncio.TimeoutError,
@@ -111,7 +115,9 @@ class Bus:
 
         def node() -> str:
             url = getattr(client.get("nc"), "connected_url", None)
-            return url.geturl() if url is not None else settings.nats_url or "?"
+            if url is not None:  # None while disconnected: then the last one known
+                client["url"] = url.geturl()
+            return client.get("url") or settings.nats_url or "?"
 
         async def on_disconnect() -> None:
             if not closing["now"]:
@@ -167,6 +173,7 @@ class Bus:
                 "the server's config to its public key, deploy/nats/README.md)"
             ) from None
         client["nc"] = nc
+        node()  # remember where it connected
         bus = cls(settings, nc, role=who.role, signer=who.signer, verifier=who.verifier)
         bus._closing = closing
         await bus.ensure()
@@ -229,7 +236,9 @@ class Bus:
         deadline, delay = loop.time() + retry_for, 0.1
         while True:
             try:
-                ack = await self.js.publish(subject, body, headers=headers, stream=None)
+                ack = await self.js.publish(
+                    subject, body, headers=headers, stream=None, timeout=PUBLISH_ATTEMPT_S
+                )
                 return Published(seq=ack.seq, duplicate=bool(ack.duplicate))
             except APIError as exc:
                 if exc.err_code == WRONG_LAST_SEQUENCE:

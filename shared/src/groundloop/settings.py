@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +25,27 @@ def default_environments_dir() -> Path:
     return here if here.is_dir() else installed
 
 
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def _checked_nats_url(url: str) -> str:
+    """`url` if a NATS client can dial it: a scheme NATS speaks, a host, a valid port. A bare
+    host:port means nats://host:port, as it does to nats-py."""
+    if "://" not in url:
+        url = f"nats://{url}"
+    split = urlsplit(url)
+    try:
+        port = split.port
+    except ValueError:
+        port = -1
+    if split.scheme not in NATS_SCHEMES or not split.hostname or port == -1:
+        raise ValueError(
+            f"{url!r} is not a NATS URL: write [{'|'.join(NATS_SCHEMES)}://]host[:port], and "
+            "separate the nodes of a cluster with commas (nats://a:4222,nats://b:4222)"
+        )
+    return url
+
+
 class Settings(BaseSettings):
     """What every process reads: the broker, the projections' database, folders, telemetry."""
 
@@ -31,7 +53,18 @@ class Settings(BaseSettings):
 
     nats_url: str | None = Field(
         default=None,
-        description="NATS broker URL; empty: start (or reuse) an embedded nats-server under data_dir",
+        description="NATS broker URL, or several comma-separated (a list in code): the nodes of "
+        "a cluster, tried in the order given (first = preferred; the client also learns the "
+        "others from the cluster); empty: start (or reuse) an embedded nats-server under "
+        "data_dir",
+    )
+    stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="copies a JetStream cluster keeps of the log, dead-letter and quarantine "
+        "streams, the processed-events KV and the artifact store (1: a single server; 3 in "
+        "production: one node may fail); more than the cluster's nodes is refused",
     )
     db_url: str | None = Field(
         default=None,
@@ -97,6 +130,23 @@ class Settings(BaseSettings):
     random string (e.g. `python -c "import secrets; print(secrets.token_urlsafe(32))"`)."""
     log_level: str = Field(default="INFO", description="Python logging level")
     log_json: bool = Field(default=False, description="log one JSON object per line")
+
+    @field_validator("nats_url", mode="before")
+    @classmethod
+    def _nats_urls(cls, value: object) -> str | None:
+        """One URL, several comma-separated, or a list of them: each checked, kept as one
+        comma-separated string (so the variable and the field read alike)."""
+        if value is None:
+            return None
+        parts = (
+            [str(v) for v in value] if isinstance(value, list | tuple) else str(value).split(",")
+        )
+        urls = [_checked_nats_url(p.strip()) for p in parts if p.strip()]
+        return ",".join(urls) or None
+
+    def nats_servers(self) -> list[str]:
+        """The broker's URLs, in the order given (nats-py's `servers`)."""
+        return self.nats_url.split(",") if self.nats_url else []
 
     def resolved_db_url(self) -> str:
         if self.db_url:

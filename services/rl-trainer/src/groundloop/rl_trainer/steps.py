@@ -50,8 +50,11 @@ class PolicyUnavailable(Exception):
 
 
 def seed_for(state: RLState, *what: object) -> int:
+    """A seed from the search's seed and what it is for, not from the search id: like the
+    evolver's plans, two searches with the same seed start from the same policy and draw
+    the same first group, so variants (plain vs novelty bonus) compare paired."""
     assert state.started is not None
-    text = "/".join(str(p) for p in (state.search_id, state.started.seed, *what))
+    text = "/".join(str(p) for p in ("groundloop-rl", state.started.seed, *what))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 

@@ -318,6 +318,7 @@ def execute(
 # --------------------------------------------------------------------------- provenance
 
 
+@functools.cache  # a metadata scan of sys.path per call; installed versions don't change under a running process
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)

@@ -1,6 +1,9 @@
 """What proposing one generation's ideas takes and yields, shared by the ideator's proposers
 (knobs in `service`, language models in `llm_proposer`): `IdeatorDeps`, `Generated`, the
-plan's slots in order, and the IdeaProposed for one slot (stable idea and event ids).
+plan's slots in order, the slots still open (no idea in the log yet), the IdeaProposed for
+one slot (stable idea and event ids), and `stream`, which hands ideas to `IdeatorDeps.emit`
+as soon as they are written, so the implementer and the runners start on a generation's
+first ideas while the rest are still being written.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class IdeatorDeps:
     spent_usd: float = 0.0
     ideator_calls: int = 0
     ideator_usd: float = 0.0
+    # Publishes one idea now (the service: through the bus, from the handler's thread); None:
+    # every idea is returned by the handler at the end, as tests that need no broker expect.
+    emit: Callable[[IdeaProposed], None] | None = None
 
 
 @dataclass
@@ -41,6 +47,34 @@ class Generated:
     rejected: int = 0  # idea-shaped texts that echoed the prompt's template
     empty_calls: int = 0  # calls that gave no parsable idea
     budget_stop: str | None = None  # why calls stopped early: the dollar budget was reached
+    already: int = 0  # planned slots whose idea an earlier delivery already published
+    emitted: int = 0  # the first `emitted` events went out through IdeatorDeps.emit
+
+    def pending(self) -> list[IdeaProposed]:
+        """The events not yet published: the handler returns these."""
+        return self.events[self.emitted :]
+
+
+def stream(out: Generated, deps: IdeatorDeps) -> None:
+    """Publish the ideas written so far but the last: its usage may still grow (calls that
+    yield nothing are charged to the generation's last idea), so it goes out with the
+    handler's return. A redelivery publishes the same event ids and skips slots already in
+    the log (`open_slots`), so publishing early changes no outcome."""
+    if deps.emit is None:
+        return
+    while out.emitted < len(out.events) - 1:
+        deps.emit(out.events[out.emitted])
+        out.emitted += 1
+
+
+def open_slots(event: GenerationAdvanced, deps: IdeatorDeps, start: int, count: int) -> list[int]:
+    """The slots in [start, start + count) with no idea in the log yet (a delivery before this
+    one may have published some before it failed)."""
+    return [
+        slot
+        for slot in range(start, start + count)
+        if stable_id(event.search_id, event.generation, slot) not in deps.history.ideas
+    ]
 
 
 def plan_slots(event: GenerationAdvanced) -> list[tuple[str, int, int, list[str]]]:

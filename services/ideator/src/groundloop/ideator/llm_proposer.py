@@ -1,7 +1,8 @@
 """The ideator's language-model proposer: each planned slot's idea written by the search's
 model with the paper's prompts, `ideas_per_call` ideas per call, the ideas already written
 this generation listed to avoid, duplicates of earlier ideas dropped, and calls repeated for
-ideas missing (up to `IdeatorDeps.extra_calls` more). Every call's cost is shared over the
+ideas missing (up to `IdeatorDeps.extra_calls` more). Each call's ideas are published as soon
+as they are parsed (`generation.stream`), all but the generation's last. Every call's cost is shared over the
 ideas it yielded; calls that yielded nothing are charged to the generation's last idea.
 """
 
@@ -14,7 +15,14 @@ from dataclasses import dataclass, field
 from groundloop.bus import describe
 from groundloop.events import GenerationAdvanced, ProposerInfo, SearchStarted, Usage
 from groundloop.execution.environment import Environment
-from groundloop.ideator.generation import Generated, IdeatorDeps, idea_event, plan_slots
+from groundloop.ideator.generation import (
+    Generated,
+    IdeatorDeps,
+    idea_event,
+    open_slots,
+    plan_slots,
+    stream,
+)
 from groundloop.ideator.history import IdeaRecord, SearchHistory
 from groundloop.llm.client import LLMClient
 from groundloop.llm.errors import DollarBudgetSpent
@@ -126,12 +134,19 @@ def propose_llm(
     seen = DuplicateFilter((r.text for r in history.proposed()), deps.duplicate_threshold)
     round_ = _Round(event, client, seen, Generated())
     description = env.describe_for_prompt()
+    written_before = [r.title for r in history.ideas.values() if r.generation == event.generation]
+    round_.written.extend(written_before)  # a redelivery: ideas an earlier one published
     for mode, start, count, context_ids in plan_slots(event):
+        slots = open_slots(event, deps, start, count)
+        round_.out.already += count - len(slots)
         context = _context(history, mode, context_ids, started.config.context_size)
-        accepted: list[tuple[ParsedIdea, str, Usage]] = []
-        max_calls = math.ceil(count / settings.ideas_per_call) + deps.extra_calls if count else 0
+        parents = [r.idea_id for r in context] if mode == "exploit" else []
+        filled = 0
+        max_calls = (
+            math.ceil(len(slots) / settings.ideas_per_call) + deps.extra_calls if slots else 0
+        )
         for _ in range(max_calls):
-            wanted = count - len(accepted)
+            wanted = len(slots) - filled
             if wanted <= 0:
                 break
             prompt = build_prompt(
@@ -150,27 +165,29 @@ def propose_llm(
                 round_.out.budget_stop = str(exc)
                 log.warning("%s: %s", describe(event), exc)
                 break
-            accepted += round_.ask(prompt, wanted, settings.thinking_budget, deps.structured)
-        round_.out.unfilled += count - len(accepted)
-        parents = [r.idea_id for r in context] if mode == "exploit" else []
-        for offset, (idea, digest, usage) in enumerate(accepted):
-            round_.out.events.append(
-                idea_event(
-                    event,
-                    deps,
-                    start + offset,
-                    mode,
-                    parent_ids=parents,
-                    title=idea.title,
-                    text=idea.text,
-                    proposer=ProposerInfo(kind="llm", model=client.spec.label),
-                    prompt_digest=digest,
-                    usage=usage,
+            for idea, digest, usage in round_.ask(
+                prompt, wanted, settings.thinking_budget, deps.structured
+            ):
+                round_.out.events.append(
+                    idea_event(
+                        event,
+                        deps,
+                        slots[filled],
+                        mode,
+                        parent_ids=parents,
+                        title=idea.title,
+                        text=idea.text,
+                        proposer=ProposerInfo(kind="llm", model=client.spec.label),
+                        prompt_digest=digest,
+                        usage=usage,
+                    )
                 )
-            )
+                filled += 1
+            stream(round_.out, deps)  # the implementer starts on these while we write more
+        round_.out.unfilled += len(slots) - filled
     out, unspent = round_.out, round_.unspent
     if unspent.calls and out.events:  # calls that yielded nothing still cost money: keep the total
-        last = out.events[-1]
+        last = out.events[-1]  # never streamed (generation.stream): it can still change
         out.events[-1] = last.model_copy(update={"usage": add_usage(last.usage, unspent)})
     elif unspent.calls:
         log.warning(

@@ -15,6 +15,10 @@ unreachable, not served, cannot answer within its timeout, or has no key would f
 call: the ideator emits SearchStopped with the error instead of retrying.
 Emits IdeaProposed with idea_id = stable_id(search_id, generation, slot) and an event id
 derived from the GenerationAdvanced and the slot, so a redelivery re-publishes the same ids.
+Each idea is published as soon as it is written (`generation.stream`; the last one with the
+handler's return, since it carries the cost of fruitless calls), so a generation's first
+ideas are patched and run while the rest are still being written; a redelivery writes only
+the slots that have no idea in the log yet.
 For "rl" searches the rl-trainer writes the ideas; the ideator emits nothing.
 
 The search's history (SearchStarted, ideas and their results) is folded from the log by
@@ -53,7 +57,7 @@ from groundloop.ideator.endings import LLM_STOPS, search_stopped, shortfall_reas
 from groundloop.ideator.generation import PRODUCER as PRODUCER
 from groundloop.ideator.generation import Generated as Generated
 from groundloop.ideator.generation import IdeatorDeps as IdeatorDeps
-from groundloop.ideator.generation import idea_event, plan_slots
+from groundloop.ideator.generation import idea_event, open_slots, plan_slots, stream
 from groundloop.ideator.history import SearchHistory
 from groundloop.ideator.knobs import KnobProposer
 from groundloop.ideator.llm_proposer import propose_llm
@@ -125,7 +129,7 @@ def handle(event: Event, deps: IdeatorDeps) -> list[Event]:
         result.unfilled,
         result.calls,
     )
-    out: list[Event] = list(result.events)
+    out: list[Event] = list(result.pending())  # the others went out as they were written
     if result.unfilled > 0:
         planned = event.plan.fresh + event.plan.explore + event.plan.exploit
         out.append(
@@ -135,7 +139,7 @@ def handle(event: Event, deps: IdeatorDeps) -> list[Event]:
                 -1,  # idea events use the slots 0..planned-1
                 generation=event.generation,
                 planned=planned,
-                proposed=len(result.events),
+                proposed=len(result.events) + result.already,
                 reason=result.budget_stop
                 or shortfall_reason(
                     result.calls, result.empty_calls, result.rejected, result.dropped
@@ -157,7 +161,9 @@ def _propose_knobs(
         raise IdeatorError(f"{env.name}: {exc}") from None
     out = Generated()
     for mode, start, count, context in plan_slots(event):
-        for slot in range(start, start + count):
+        slots = open_slots(event, deps, start, count)
+        out.already += count - len(slots)
+        for slot in slots:
             idea = proposer.propose(slot, mode, context)
             if idea is None:
                 out.dropped += 1
@@ -177,6 +183,7 @@ def _propose_knobs(
                     knobs=idea.knobs,
                 )
             )
+            stream(out, deps)
     return out
 
 
@@ -206,6 +213,11 @@ async def on_generation(event: Event, delivery: Delivery, ctx: IdeatorContext) -
         return []
     history = SearchHistory.from_events(event.search_id, logged)
     ideas = [e for e in logged if isinstance(e, IdeaProposed)]
+    loop = asyncio.get_running_loop()
+
+    def emit(idea: IdeaProposed) -> None:  # from the handler's thread
+        asyncio.run_coroutine_threadsafe(ctx.bus.publish(idea), loop).result(timeout=120)
+
     deps = IdeatorDeps(
         history=history,
         environment=ctx.environment,
@@ -213,6 +225,7 @@ async def on_generation(event: Event, delivery: Delivery, ctx: IdeatorContext) -
         spent_usd=spent_usd(logged),
         ideator_calls=sum(e.usage.calls for e in ideas),
         ideator_usd=sum(e.usage.cost_usd for e in ideas),
+        emit=emit,
     )
     try:
         async with delivery.heartbeat():

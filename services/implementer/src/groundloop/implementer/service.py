@@ -85,6 +85,10 @@ from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
 log = logging.getLogger(__name__)
+# Ideas implemented at once. Each spends most of its time waiting (on the model, on its smoke
+# run's process); with two at a time a generation's first patches reached eight idle run
+# slots only two by two (issue 15: slots idle while a generation opens).
+IDEAS_AT_ONCE = 6
 
 
 class SearchNotFound(Retry):
@@ -318,7 +322,7 @@ def check_isolation(protections: dict[str, str], required: bool) -> None:
 def role(
     *,
     llm_settings: LLMSettings | None = None,
-    concurrency: int = 2,
+    concurrency: int = IDEAS_AT_ONCE,
     work_dir: Path | None = None,
     require_full_isolation: bool = False,
 ) -> Role[ImplementerContext]:
@@ -348,7 +352,7 @@ async def run(
     stop: asyncio.Event | None = None,
     *,
     llm_settings: LLMSettings | None = None,
-    concurrency: int = 2,
+    concurrency: int = IDEAS_AT_ONCE,
     work_dir: Path | None = None,
     require_full_isolation: bool = False,
 ) -> None:

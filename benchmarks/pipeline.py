@@ -1,0 +1,285 @@
+"""Whole-pipeline throughput on this machine: ideator -> implementer (with pre-flight) ->
+runner -> evolver -> projector, as `groundloop search` runs them (every service a task of this
+process talking through its own embedded nats-server; the CLI's progress display polling the
+projection), on a copy of the `synthetic` environment. Prints numbers; asserts nothing.
+
+    .venv/bin/python benchmarks/pipeline.py [--proposer llm|knobs] [--candidates 1000]
+        [--ideas-per-generation 50] [--slots 8] [--eval-seconds 0] [--samples 1]
+
+- proposer "llm": the ideator and the implementer call a scripted OpenAI-compatible model
+  served on this machine (tests/llm_server.py; answers are instant): the ideator gets
+  `ideas_per_call` distinct ideas per call, the implementer a unified diff that sets the
+  learning rate the idea names. "knobs": the offline knob proposer, no model.
+- every candidate is one idea patched, pre-flighted and run to a result in the sandbox;
+  `--eval-seconds` sets the run time (SLEEP_SECONDS in the copy's config.py; smoke runs
+  skip the sleep, as in the real environment).
+
+Measured: launch (SearchStarted published) -> first candidate's RunCompleted; candidates per
+second over all of them and over the first and the last 200 (goal: >= 30/s with no-op runs,
+the last 200 at >= 90 % of the first 200's rate); slot utilisation = sum of every run's
+wall seconds / (slots x span from the first RunStarted to the last RunCompleted) (goal with
+1-s runs on 8 slots: >= 97 %); this process's CPU seconds (all services, every thread;
+sandboxed runs are children and counted apart) per candidate (goal <= 0.03 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from groundloop import events as ev  # noqa: E402
+from groundloop.broker import EmbeddedBroker, free_port  # noqa: E402
+from groundloop.bus import Bus  # noqa: E402
+from groundloop.cli.search_job import default_deadline, run_search  # noqa: E402
+from groundloop.execution.applier import make_diff  # noqa: E402
+from groundloop.execution.environment import Environment  # noqa: E402
+from groundloop.llm.client import LLMSettings  # noqa: E402
+from groundloop.search_request import priced_models, search_started_event  # noqa: E402
+from groundloop.settings import Settings  # noqa: E402
+from tests.llm_server import FakeLLMServer, Reply, Request  # noqa: E402
+from tests.paths import ENVIRONMENTS  # noqa: E402
+
+WINDOW = 200  # candidates in the first / last window
+# Words the scripted ideas are drawn from: realistic lengths and letters, so the ideator's
+# duplicate filter sees English-like text, yet any two ideas are far from near-duplicates.
+VOCABULARY = (
+    "learning rate schedule warmup cosine decay momentum width batch gradient clipping "
+    "weight noise layer norm residual stream attention head dropout label smoothing "
+    "optimizer step size curvature plateau loss landscape sharp minima generalisation "
+    "validation score stability early phase late phase anneal restart cyclical linear "
+    "exponential inverse square root lookahead averaging polyak ema shadow weights bias "
+    "correction adaptive moment second order preconditioner diagonal factored memory "
+    "budget throughput tokens data order curriculum easy hard examples mixing ratio "
+    "initialisation scale fan variance preserving orthogonal spectral radius depth "
+    "capacity bottleneck embedding tied untied vocabulary frequency regularisation decay "
+    "coupled decoupled sparse dense signal trade off measure compare baseline improve"
+).split()
+
+
+def copy_environment(root: Path, eval_seconds: float) -> Path:
+    """The synthetic environment under `root`, its runs sleeping `eval_seconds`."""
+    envs = root / "environments"
+    shutil.copytree(ENVIRONMENTS / "synthetic", envs / "synthetic")
+    config = envs / "synthetic" / "config.py"
+    text = re.sub(
+        r"(?m)^SLEEP_SECONDS = .*$", f"SLEEP_SECONDS = {eval_seconds!r}", config.read_text()
+    )
+    config.write_text(text)
+    return envs
+
+
+class ScriptedModel:
+    """Instant answers for the ideator (distinct ideas naming a learning rate) and the
+    implementer (the unified diff that sets that learning rate)."""
+
+    def __init__(self, env: Environment, seed: int = 0):
+        self.rng = random.Random(seed)
+        self.config = env.editable_sources()["config.py"]
+        self.lock = __import__("threading").Lock()
+
+    def idea(self) -> str:
+        with self.lock:
+            rate = 10 ** self.rng.uniform(-4, -1)
+            words = " ".join(self.rng.choice(VOCABULARY) for _ in range(55))
+        return (
+            f"[Experiment] Try learning rate {rate:.6g} because {words}.\n"
+            f"[Code Changes] In config.py set LEARNING_RATE to lr:{rate:.6g} and keep the rest.\n"
+            "[End]"
+        )
+
+    def reply(self, request: Request) -> Reply:
+        text = request.all_text
+        if "You implement a research idea" in text:
+            found = re.search(r"lr:([0-9.e+-]+)", text)
+            rate = float(found.group(1)) if found else 1e-3
+            after = re.sub(
+                r"(?m)^LEARNING_RATE = [^#\n]*",
+                f"LEARNING_RATE = {rate!r}  ",
+                self.config,
+            )
+            diff = make_diff({"config.py": self.config}, {"config.py": after})
+            return Reply(text=f"```diff\n{diff}```", input_tokens=1500, output_tokens=120)
+        wanted = re.search(r"(?:Propose|Brainstorm) (\d+) ", request.last_user_text)
+        count = int(wanted.group(1)) if wanted else 10
+        body = "\n\n".join(self.idea() for _ in range(max(1, min(count, 10))))
+        return Reply(text=body, input_tokens=3000, output_tokens=150 * count)
+
+
+class Clock:
+    """Receipt times of RunStarted / RunCompleted (a core subscription on this process's
+    own connection, so it costs what a dashboard watching the search would)."""
+
+    def __init__(self) -> None:
+        self.started: list[float] = []
+        self.completed: list[tuple[float, ev.RunCompleted]] = []
+        self.cpu_at: list[float] = []  # this process's CPU seconds at each candidate
+
+    async def start(self, bus: Bus) -> None:
+        async def on_msg(msg) -> None:
+            now = time.perf_counter()
+            event = ev.decode(msg.data)
+            if isinstance(event, ev.RunStarted):
+                self.started.append(now)
+            elif isinstance(event, ev.RunCompleted):
+                self.completed.append((now, event))
+                if event.purpose == "search":
+                    self.cpu_at.append(cpu_seconds())
+
+        prefix = bus.settings.subject_prefix
+        await bus.nc.subscribe(f"{prefix}.*.RunStarted.>", cb=on_msg)
+        await bus.nc.subscribe(f"{prefix}.*.RunCompleted.>", cb=on_msg)
+
+
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def window_rate(times: list[float]) -> float:
+    return (
+        (len(times) - 1) / (times[-1] - times[0])
+        if len(times) > 1 and times[-1] > times[0]
+        else 0.0
+    )
+
+
+async def bench(args: argparse.Namespace) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="gl-pipeline-"))
+    envs = copy_environment(root, args.eval_seconds)
+    env = Environment.load("synthetic", envs)
+    settings = Settings(data_dir=root, db_url=f"sqlite:///{root / 'p.db'}", environments_dir=envs)
+    generations = math.ceil(args.candidates / args.ideas_per_generation)
+    server = FakeLLMServer().start() if args.proposer == "llm" else None
+    llm_settings = model = None
+    prices: dict[str, ev.ModelPrice] = {}
+    if server is not None:
+        server.responder = ScriptedModel(env).reply
+        model = f"openai-compatible:bench-model@{server.openai_base_url}"
+        llm_settings = LLMSettings(openai_api_key="unused", max_concurrency=args.model_concurrency)
+        prices, _ = priced_models([model], llm_settings)
+    started = search_started_event(
+        f"pipeline-{args.proposer}",
+        env,
+        strategy="evolution",
+        generations=generations,
+        ideas=args.ideas_per_generation,
+        seed=0,
+        model=model,
+        implementer_model=None,
+        baseline_seeds=1,
+        final_top_k=1,
+        final_seeds=1,
+        budgets=ev.Budgets(),
+        deadline=default_deadline(env, args.ideas_per_generation, args.slots),
+        price_table=prices,
+        samples=args.samples,
+        revisions=0,
+        edit_format="diff" if model else None,
+    )
+    clock = Clock()
+    try:
+        with EmbeddedBroker(root, free_port()) as broker:
+            live = settings.model_copy(update={"nats_url": broker.url})
+            watcher = await Bus.connect(live, "bench-clock")
+            await clock.start(watcher)
+            cpu0, children0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            await run_search(
+                live,
+                started,
+                env,
+                slots=args.slots,
+                report_dir=root / "reports",
+                llm_settings=llm_settings,
+            )
+            wall = time.perf_counter() - t0
+            cpu = cpu_seconds() - cpu0
+            children = cpu_seconds(resource.RUSAGE_CHILDREN) - children0
+            await watcher.close()
+    finally:
+        if server is not None:
+            server.stop()
+    search = [(t, e) for t, e in clock.completed if e.purpose == "search"]
+    times = [t for t, _ in search]
+    n = len(search)
+    statuses: dict[str, int] = {}
+    for _, e in search:
+        statuses[e.status] = statuses.get(e.status, 0) + 1
+    busy = sum(e.wall_seconds for _, e in clock.completed)
+    span = (clock.completed[-1][0] - clock.started[0]) if clock.completed and clock.started else 0.0
+    result = {
+        "proposer": args.proposer,
+        "candidates": n,
+        "statuses": statuses,
+        "slots": args.slots,
+        "eval_seconds": args.eval_seconds,
+        "ideas_per_generation": args.ideas_per_generation,
+        "launch_to_first_candidate_s": times[0] - t0 if times else None,
+        "rate_all": window_rate(times),
+        "rate_first": window_rate(times[:WINDOW]),
+        "rate_last": window_rate(times[-WINDOW:]),
+        "utilisation": busy / (args.slots * span) if span else 0.0,
+        "cpu_per_candidate_s": (clock.cpu_at[-1] - cpu0) / n if n else None,
+        "cpu_total_s": cpu,
+        "children_cpu_s": children,
+        "wall_s": wall,
+        "root": str(root),
+    }
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def show(r: dict) -> None:
+    ratio = r["rate_last"] / r["rate_first"] if r["rate_first"] else 0.0
+    first = r["launch_to_first_candidate_s"]
+    print(
+        f"pipeline, proposer {r['proposer']}, {r['candidates']} candidates "
+        f"({r['ideas_per_generation']}/generation), {r['slots']} slots, "
+        f"{r['eval_seconds']:g}-s runs; statuses {r['statuses']}\n"
+        f"  launch -> first candidate : {first:.2f} s\n"
+        f"  candidates/s, all         : {r['rate_all']:.2f}  (goal >= 30 with no-op runs)\n"
+        f"  first {WINDOW} -> last {WINDOW}    : {r['rate_first']:.2f} -> {r['rate_last']:.2f}"
+        f" ({ratio:.0%}; goal >= 90%)\n"
+        f"  slot utilisation          : {r['utilisation']:.1%}  (goal >= 97% with 1-s runs, 8 slots)\n"
+        f"  orchestration CPU/cand.   : {r['cpu_per_candidate_s']:.4f} s  (goal <= 0.03; this "
+        f"process, every service; {r['cpu_total_s']:.1f} s in all)\n"
+        f"  sandboxed children CPU    : {r['children_cpu_s']:.1f} s; wall {r['wall_s']:.1f} s",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--proposer", choices=("llm", "knobs"), default="llm")
+    parser.add_argument("--candidates", type=int, default=1000)
+    parser.add_argument("--ideas-per-generation", type=int, default=50)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--eval-seconds", type=float, default=0.0)
+    parser.add_argument(
+        "--samples", type=int, default=1, help="implementer samples per idea (one candidate each)"
+    )
+    parser.add_argument("--model-concurrency", type=int, default=8)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data folder")
+    args = parser.parse_args()
+    result = asyncio.run(bench(args))
+    show(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

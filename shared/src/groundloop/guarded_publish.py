@@ -28,7 +28,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 from groundloop import events as ev
 from groundloop import telemetry
 from groundloop.bus import WRONG_LAST_SEQUENCE, BrokerUnavailable, Bus, Published
-from groundloop.producers import ONE_PER_SUBJECT, original_producer
+from groundloop.producers import ONE_PER_SUBJECT, writes_guarded
 from groundloop.quarantine import Quarantined
 from groundloop.search_index import Entry, read_entries
 
@@ -45,11 +45,7 @@ def is_guarded(event: ev.Event) -> bool:
 def is_the_one(entry: ev.Event | Quarantined, kind: str) -> bool:
     """A valid event of guarded type `kind` written by the producer `kind` requires (or a
     copy of one, by fork or import)."""
-    return (
-        isinstance(entry, ev.Event)
-        and entry.TYPE == kind
-        and original_producer(entry) == ONE_PER_SUBJECT[kind]
-    )
+    return isinstance(entry, ev.Event) and entry.TYPE == kind and writes_guarded(entry)
 
 
 def the_one(entries: list[Entry], kind: str) -> tuple[int, ev.Event] | None:
@@ -97,8 +93,8 @@ async def refusal(bus: Bus, event: ev.Event, seq: int) -> str | None:
     event; None when it is the one (or not a guarded type)."""
     if not is_guarded(event):
         return None
-    producer = ONE_PER_SUBJECT[event.TYPE]
-    if original_producer(event) != producer:
+    if not writes_guarded(event):
+        producer = ONE_PER_SUBJECT[event.TYPE]
         return f"a {event.TYPE} by {event.producer!r}: only the {producer} writes it"
     subject = bus.subject_of(event)
     earlier = the_one(await read_entries(bus, subject, before=seq), event.TYPE)

@@ -29,3 +29,11 @@ def is_history(event: Event) -> bool:
 def original_producer(event: Event) -> str:
     """The role that first wrote `event` (a copy keeps it after the history mark)."""
     return event.producer.removeprefix(HISTORY_PREFIX)
+
+
+def writes_guarded(event: Event) -> bool:
+    """`event` is one of the once-per-subject types, written by the producer that type
+    requires, or copied by fork or import (a copy keeps the original's place in its subject;
+    imported trajectories name no original producer, only `history:import`)."""
+    required = ONE_PER_SUBJECT.get(event.TYPE)
+    return required is not None and (is_history(event) or original_producer(event) == required)

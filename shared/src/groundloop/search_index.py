@@ -34,7 +34,13 @@ from nats.js.errors import APIError
 
 from groundloop import events as ev
 from groundloop.bus import WRONG_LAST_SEQUENCE, Bus
-from groundloop.producers import ONE_PER_SUBJECT, RUN_REQUESTER, is_history, original_producer
+from groundloop.producers import (
+    ONE_PER_SUBJECT,
+    RUN_REQUESTER,
+    is_history,
+    original_producer,
+    writes_guarded,
+)
 from groundloop.quarantine import KEPT_BYTES, Quarantined
 
 log = logging.getLogger(__name__)
@@ -99,7 +105,7 @@ class SearchIndex:
         producer = ONE_PER_SUBJECT.get(event.TYPE)
         if producer is None:
             return None
-        if original_producer(event) != producer:
+        if not writes_guarded(event):
             return f"a {event.TYPE} by {event.producer!r}: only the {producer} writes it"
         first = self.ones.get(_guarded_key(event), NOW)
         if first < seq:
@@ -110,10 +116,7 @@ class SearchIndex:
 
     def observe(self, event: ev.Event, seq: int) -> str | None:
         """Fold the event stored at `seq` if it fits (returns None), else return why not."""
-        if (
-            event.TYPE in ONE_PER_SUBJECT
-            and original_producer(event) == ONE_PER_SUBJECT[event.TYPE]
-        ):
+        if writes_guarded(event):
             # The subject's one even where it fits nothing else (the guard counts it too).
             self.ones.setdefault(_guarded_key(event), seq)
         reason = self.refusal(event, seq)

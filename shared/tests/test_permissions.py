@@ -178,6 +178,10 @@ async def test_every_role_that_reads_artifacts_can_and_only_writers_write(
                 if perm.ROLES[perm.role_of(name)].artifacts:
                     await bus.put_artifact(f"probe/{name}", name.encode())
                     assert await operator.get_artifact(f"probe/{name}") == name.encode()
+                    # A redo: the same bytes again (no write), then new bytes (purges the old).
+                    await asyncio.wait_for(bus.put_artifact(f"probe/{name}", name.encode()), 5)
+                    await asyncio.wait_for(bus.put_artifact(f"probe/{name}", b"redone"), 5)
+                    assert await operator.get_artifact(f"probe/{name}") == b"redone"
                 else:
                     with pytest.raises((NatsTimeout, asyncio.TimeoutError)):
                         await asyncio.wait_for(bus.put_artifact(f"probe/{name}", b"no"), 2)

@@ -21,7 +21,9 @@ verified, and the process says so once in its log.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -31,7 +33,13 @@ import nats
 from nats.errors import AuthorizationError, ConnectionClosedError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import APIError, KeyNotFoundError, NoStreamResponseError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    KeyNotFoundError,
+    NoStreamResponseError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
 
 from groundloop import bus_setup, identity, telemetry
 from groundloop.bus_setup import BrokerUnavailable as BrokerUnavailable
@@ -274,6 +282,11 @@ class Bus:
     # ------------------------------------------------------------------ artifacts
 
     async def put_artifact(self, key: str, data: bytes) -> str:
+        """Store `data` at `key`; a redo that stores the very same bytes writes nothing."""
+        with contextlib.suppress(ObjectNotFoundError):
+            info = await self._objects.get_info(key)
+            if info.digest == _object_digest(data):
+                return key
         await self._objects.put(key, data)
         return key
 
@@ -444,6 +457,11 @@ class Bus:
                 continue
             out.append((msg.subject, dict(msg.headers or {}), msg.data or b""))
         return out
+
+
+def _object_digest(data: bytes) -> str:
+    """The digest the object store records for `data` (nats-py: SHA-256=<urlsafe base64>)."""
+    return "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
 
 
 def describe(event: Event) -> str:

@@ -175,7 +175,8 @@ def permissions(role: str, n: Names) -> dict[str, dict[str, list[str]]]:
         allow += [f"{api}.CONSUMER.DURABLE.CREATE.{n.stream}.{c}", f"$JS.ACK.{n.stream}.{c}.>"]
         allow += [f"{n.prefix}_dlq.{c}", f"$KV.{n.processed_bucket}.{c}.>"]
     if grant.artifacts:
-        allow += [f"$O.{n.bucket}.>"]
+        # Overwriting a key (a redone run's log, a re-stored checkpoint) purges its old chunks.
+        allow += [f"$O.{n.bucket}.>", f"{api}.STREAM.PURGE.{obj}"]
     # Nobody but the owner creates, fetches from, updates or deletes a durable consumer, so
     # no role can take or hold back another role's work; no role deletes a durable.
     deny = []

@@ -1,7 +1,9 @@
 """The projector service: folds every event on the bus into the SQL projections.
 
-Consumes: every event of every search, through the durable consumer "projector" (one
-replica: the fold assumes a single writer per role, see projector.py). Emits: nothing.
+Consumes: every event of every search, through the durable consumer "projector", shared by
+its replicas: each is delivered some of the events and folds them into the same database;
+every fold reads its rows under the write lock (`projector.apply`), so no replica's change is
+overwritten by another's fold of an older read. Emits: nothing.
 Each event's projection change and its processed_events record commit together, so a
 redelivery after a crash between commit and ack changes nothing. An event that does not fit
 its search's log (groundloop.search_index) is refused (quarantined, dead-lettered), the

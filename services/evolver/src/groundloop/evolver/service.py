@@ -41,7 +41,7 @@ from groundloop.events import EVENT_TYPES, Event, PolicyUpdated, encode
 from groundloop.execution.environment import Environment
 from groundloop.guarded_publish import publish_event
 from groundloop.quarantine import Quarantined as QuarantinedEntry
-from groundloop.search_index import SearchIndex, record_refusal
+from groundloop.search_index import SearchIndex, read_entries, record_refusal
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -115,16 +115,22 @@ class EvolverLoop:
     the log accepted is folded at once and the next decision sees it; a duplicate or refused
     output is not folded (the log holds another copy, which arrives in turn).
 
-    Replicas share the durable consumer, so each sees only some events. Before deciding on
-    the event at stream sequence S, a replica folds every message between the last one it
-    folded and S (direct gets; with one replica that gap holds only types it does not
-    consume), so every decision is made on the log prefix up to its trigger. Each deadline
-    tick first folds the log up to its current end, so an idle replica is never stale."""
+    Replicas share the durable consumer, so each is delivered only some events. Before
+    deciding on the event at stream sequence S, a replica folds every entry after the last
+    one it folded and before S (direct gets for a short gap, one batched read for a long
+    one; with one replica the gap holds only types it does not consume), so every decision
+    is made on the whole log prefix up to its trigger, as a single replica would make it.
+    Each deadline tick first folds the log up to its current end, so an idle replica is never
+    stale. Two replicas reaching the same decision publish it under the same id, and the log
+    keeps one (message-id de-duplication; the once-per-subject guard for GenerationAdvanced).
+    """
+
+    BATCH_GAP = 32  # a gap longer than this is read with one ephemeral consumer
 
     def __init__(self, bus: Bus, deps: Deps):
         self.bus, self.deps = bus, deps
         self.lock = asyncio.Lock()  # the consumer and the ticker never decide at once
-        self.last_seq = 0
+        self.folded_to = 0  # every stream entry up to this sequence is folded (or skipped)
         self.index = SearchIndex()  # the facts of the entries folded, by stream sequence
         self._recorded: set[int] = set()  # misfits this process put in the quarantine
 
@@ -134,7 +140,7 @@ class EvolverLoop:
         count = 0
         async for seq, event in self.bus.raw_events():
             await self._fold(event, seq)
-            self.last_seq, count = max(self.last_seq, seq), count + 1
+            self.folded_to, count = max(self.folded_to, seq), count + 1
         active = sum(1 for s in self.deps.states.values() if s.started and not s.ended)
         log.info(
             "evolver: rebuilt %d searches (%d active) from %d events",
@@ -150,12 +156,15 @@ class EvolverLoop:
             msg = getattr(delivery, "msg", None)
             seq = getattr(delivery, "seq", 0) or (msg.metadata.sequence.stream if msg else 0)
             if seq:
-                await self._catch_up(seq)
+                await self._fold_through(seq - 1)
                 why = self.misfit(event, seq)
                 if why is not None:
                     await self._record(event, seq, why)
                     raise Reject(f"not folded: {why}")
-            await self._publish(handle(event, self.deps))
+            outputs = handle(event, self.deps)
+            if seq == self.folded_to + 1:  # the delivered entry is folded now too
+                self.folded_to = seq
+            await self._publish(outputs)
         return []
 
     def misfit(self, event: Event, seq: int) -> str | None:
@@ -179,15 +188,22 @@ class EvolverLoop:
         subject = self.bus.subject_of(event)
         await record_refusal(self.bus, seq, subject, encode(event), why)
 
-    async def _catch_up(self, seq: int) -> None:
-        """Fold every message before stream sequence `seq` not yet folded."""
-        for missing in range(self.last_seq + 1, seq):
-            # The one reading of the log: a bad entry is quarantined once and skipped.
+    async def _fold_through(self, last: int) -> None:
+        """Fold every stream entry up to sequence `last` (inclusive) not yet folded: what the
+        other replicas were delivered. `folded_to` never claims an entry not read, or that
+        entry would be missing from every later decision of this replica."""
+        if last - self.folded_to > self.BATCH_GAP:
+            subject = self.bus.subject_filter()
+            for seq, entry in await read_entries(self.bus, subject, self.folded_to + 1, last + 1):
+                # The one reading of the log: a bad entry is quarantined once and skipped.
+                if not isinstance(entry, QuarantinedEntry):
+                    await self._fold(entry, seq)
+                self.folded_to = seq
+        for missing in range(self.folded_to + 1, last + 1):  # short gap, or what was not read
             entry = await self.bus.read_stored(missing)
-            if entry is None or isinstance(entry, QuarantinedEntry):
-                continue
-            await self._fold(entry, missing)
-        self.last_seq = max(self.last_seq, seq)
+            if entry is not None and not isinstance(entry, QuarantinedEntry):
+                await self._fold(entry, missing)
+            self.folded_to = missing
 
     async def tick_forever(self, stop: asyncio.Event, period: float) -> None:
         while not stop.is_set():
@@ -198,13 +214,17 @@ class EvolverLoop:
             if stop.is_set():
                 return
             try:
-                async with self.lock:
-                    # Fold what other replicas consumed meanwhile, so that an idle replica
-                    # never decides on a stale state.
-                    await self._catch_up((await self.bus.stream_state())["last_seq"] + 1)
-                    await self._publish(tick(self.deps))
+                await self.tick_once()
             except Exception:  # the loop boundary: a failed tick is retried by the next one
                 log.exception("evolver: deadline tick failed")
+
+    async def tick_once(self) -> None:
+        """One deadline check, on the log as it is now."""
+        async with self.lock:
+            # Fold what other replicas were delivered meanwhile, so that an idle replica
+            # never decides on a stale state.
+            await self._fold_through((await self.bus.stream_state())["last_seq"])
+            await self._publish(tick(self.deps))
 
     async def _publish(self, outputs: list[Event]) -> None:
         for out in outputs:
@@ -225,8 +245,8 @@ class EvolverLoop:
                 log.error("evolver: its own %s does not fit the log: %s", out.event_id, why)
                 continue
             self.deps.state(out.search_id).apply(out)
-            if result.seq == self.last_seq + 1:  # nothing else landed in between: no gap to read
-                self.last_seq = result.seq
+            if result.seq == self.folded_to + 1:  # nothing landed in between: no gap to read
+                self.folded_to = result.seq
 
 
 def role(*, tick_s: float = 1.0, deps: Deps | None = None) -> Role[EvolverLoop]:

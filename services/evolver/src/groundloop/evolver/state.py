@@ -262,14 +262,15 @@ class SearchState:
         return len(ideas) >= record.expected and all(idea.terminal for idea in ideas)
 
     def past_ideas(self, before_generation: int) -> list[PastIdea]:
-        """Every proposed idea of earlier generations, in proposal order (baseline excluded)."""
+        """Every proposed idea of earlier generations, in proposal order (`proposal_key`;
+        baseline excluded)."""
         ideas = sorted(
             (
                 i
                 for i in self.ideas.values()
                 if i.generation < before_generation and i.mode != "baseline"
             ),
-            key=lambda i: i.order,
+            key=proposal_key,
         )
         return [
             PastIdea(i.idea_id, i.generation, self.idea_reward(i.idea_id), i.status) for i in ideas
@@ -279,7 +280,8 @@ class SearchState:
         """(idea id, mean reward) of ideas with a result, best first; ties by proposal order."""
         scored = [(idea, self.idea_reward(idea.idea_id, purpose)) for idea in self.ideas.values()]
         ranked = sorted(
-            ((i, r) for i, r in scored if r is not None), key=lambda p: (-p[1], p[0].order)
+            ((i, r) for i, r in scored if r is not None),
+            key=lambda p: (-p[1], proposal_key(p[0])),
         )
         return [(idea.idea_id, reward) for idea, reward in ranked]
 
@@ -294,7 +296,12 @@ class SearchState:
         record = self.generations.get(generation, GenerationRecord(generation))
         ideas = [self.ideas[i] for i in record.idea_ids]
         succeeded = [i for i in ideas if self.idea_scores(i.idea_id)]
-        best = max(succeeded, key=lambda i: (self.idea_reward(i.idea_id), -i.order), default=None)
+        # Best reward; a tie goes to the idea first in proposal order.
+        best = min(
+            succeeded,
+            key=lambda i: (-(self.idea_reward(i.idea_id) or 0.0), proposal_key(i)),
+            default=None,
+        )
         return GenerationSummary(
             generation=generation,
             ideas=len(ideas),
@@ -348,6 +355,15 @@ class SearchState:
         if following >= config.generations:
             return f"completed {config.generations} generations"
         return None
+
+
+def proposal_key(idea: IdeaRecord) -> tuple[int, bool, int]:
+    """Proposal order as every run of the search sees it: by generation, the ideator's ideas
+    before the policy's, each proposer's in the order it wrote them. Two proposers write a
+    hybrid generation at once, so where their ideas interleave in the log depends on timing;
+    Algorithm 1 samples its context in this order, and the same ideas and results must make
+    the same plan."""
+    return idea.generation, idea.mode == "rl", idea.order
 
 
 _APPLIERS = {

@@ -202,17 +202,35 @@ class IdeatorContext:
         return Environment.load(name, self.settings.environments_dir)
 
 
+def known_at(event: GenerationAdvanced, seq: int, pairs: list[tuple[int, Event]]) -> list[Event]:
+    """What the generation's ideas are written from: the log before the GenerationAdvanced
+    (at stream sequence `seq`), plus this generation's ideas an earlier delivery already
+    published. Results that arrived since change nothing, so a redelivery, or a replica that
+    takes over mid-generation, writes the remaining slots as the first delivery would have."""
+    if seq <= 0:  # not from a delivery (a direct call): the whole log
+        return fitting_events([e for _, e in pairs])
+    return fitting_events(
+        [
+            e
+            for at, e in pairs
+            if at < seq or (isinstance(e, IdeaProposed) and e.generation == event.generation)
+        ]
+    )
+
+
 async def on_generation(event: Event, delivery: Delivery, ctx: IdeatorContext) -> list[Event]:
     if not isinstance(event, GenerationAdvanced):
         return []
     # Only what fits the log: a forged result must not steer the search's ideas.
-    logged = fitting_events([e async for e in ctx.bus.events(event.search_id)])
-    ended = next((e for e in logged if isinstance(e, (SearchCompleted, SearchStopped))), None)
+    pairs = [pair async for pair in ctx.bus.raw_events(event.search_id)]
+    everything = fitting_events([e for _, e in pairs])
+    ended = next((e for e in everything if isinstance(e, (SearchCompleted, SearchStopped))), None)
     if ended is not None:  # a retried delivery of a search that is over: nothing to write
         log.info("%s: search %s already ended (%s)", describe(event), event.search_id, ended.TYPE)
         return []
+    logged = known_at(event, delivery.seq, pairs)
     history = SearchHistory.from_events(event.search_id, logged)
-    ideas = [e for e in logged if isinstance(e, IdeaProposed)]
+    ideas = [e for e in everything if isinstance(e, IdeaProposed)]  # spend: the latest
     loop = asyncio.get_running_loop()
 
     def emit(idea: IdeaProposed) -> None:  # from the handler's thread
@@ -222,7 +240,7 @@ async def on_generation(event: Event, delivery: Delivery, ctx: IdeatorContext) -
         history=history,
         environment=ctx.environment,
         llm=ctx.clients,
-        spent_usd=spent_usd(logged),
+        spent_usd=spent_usd(everything),
         ideator_calls=sum(e.usage.calls for e in ideas),
         ideator_usd=sum(e.usage.cost_usd for e in ideas),
         emit=emit,

@@ -31,10 +31,6 @@ from typing import Any
 
 from groundloop.events import Usage
 from groundloop.execution.environment import Environment
-from groundloop.llm.idea_parsing import ParsedIdea, parse_ideas_report
-from groundloop.llm.idea_prompts import SYSTEM as IDEATOR_SYSTEM
-from groundloop.llm.idea_prompts import build_prompt as idea_prompt
-from groundloop.llm.idea_prompts import idea_schema
 from groundloop.implementer.candidates import (
     ImplementerDeps,
     check_candidate,
@@ -50,6 +46,10 @@ from groundloop.llm.client import (
     Message,
     make_client,
 )
+from groundloop.llm.idea_parsing import ParsedIdea, parse_ideas_report
+from groundloop.llm.idea_prompts import SYSTEM as IDEATOR_SYSTEM
+from groundloop.llm.idea_prompts import build_prompt as idea_prompt
+from groundloop.llm.idea_prompts import idea_schema
 from groundloop.llm.pricing import add_usage
 
 EXTRA_IDEA_CALLS = 2  # as the ideator's default IdeatorDeps.extra_calls

@@ -9,9 +9,9 @@ import json
 import pytest
 from pydantic import SecretStr
 
+from groundloop.llm.client import LLMSettings, make_client
 from groundloop.llm.idea_parsing import parse_ideas, parse_ideas_report
 from groundloop.llm.idea_prompts import FORMAT, build_prompt, idea_schema
-from groundloop.llm.client import LLMSettings, make_client
 from groundloop.manifest import Metric
 from tests.llm_replay_server import (
     BOLD_LABEL_IDEAS,

@@ -23,17 +23,7 @@ from tests import test_search_e2e as e2e
 from tests.factories import search_started
 from tests.test_search_e2e import CLI, groundloop, search, settings_for
 
-
-def cli_env(settings: Settings) -> dict[str, str]:
-    """The e2e helpers' environment plus the broker's credentials: every CLI process logs in
-    as its role and signs what it publishes, so the archive carries real signatures."""
-    env = e2e_cli_env(settings)
-    if settings.nats_credentials_dir is not None:
-        env["GROUNDLOOP_NATS_CREDENTIALS_DIR"] = str(settings.nats_credentials_dir)
-    return env
-
-
-e2e_cli_env = e2e.cli_env
+cli_env = e2e.cli_env
 
 
 def held(settings: Settings, search_id: str) -> list[archive.Entry]:
@@ -69,13 +59,10 @@ def recorded(nats_server, tmp_path_factory) -> Iterator[Settings]:
     plain = settings_for(nats_server.url, tmp_path_factory.mktemp("archive"), "ARCHIVE")
     settings = plain.model_copy(update={"nats_credentials_dir": nats_server.credentials})
     nats_server.serve(Names.of(settings))  # the roles' permissions on this module's names
-    e2e.cli_env = cli_env  # the e2e helpers (search, groundloop) run the CLI signed, too
-    try:
-        search(settings, "kept", "--generations", "1", "--ideas", "1", "--final-seeds", "1")
-        search(settings, "gone", "--generations", "2", "--ideas", "2", "--final-seeds", "1")
-        yield settings
-    finally:
-        e2e.cli_env = e2e_cli_env
+    # The e2e helpers pass the credentials on: every CLI process logs in as its role and signs.
+    search(settings, "kept", "--generations", "1", "--ideas", "1", "--final-seeds", "1")
+    search(settings, "gone", "--generations", "2", "--ideas", "2", "--final-seeds", "1")
+    yield settings
 
 
 def test_archive_compact_and_rebuild_from_the_archive(recorded: Settings, tmp_path: Path) -> None:

@@ -47,6 +47,8 @@ def cli_env(settings: Settings) -> dict[str, str]:
         "ack_wait_s": settings.ack_wait_s,
         "environments_dir": settings.environments_dir,
     }
+    if settings.nats_credentials_dir is not None:  # log in as its role and sign, as services do
+        values["nats_credentials_dir"] = settings.nats_credentials_dir
     env = {k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")}
     wide = {"COLUMNS": "250"}  # Rich wraps at the terminal width; keep each message on one line
     return {**env, **wide, **{f"GROUNDLOOP_{k.upper()}": str(v) for k, v in values.items()}}

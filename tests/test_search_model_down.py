@@ -80,8 +80,8 @@ def test_a_search_whose_model_is_down_exits_non_zero_naming_the_url_and_the_os_e
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--strategy", "rl"), "rl-trainer"),
-        (("--strategy", "random"), "valid values: evolution, best_of_n"),
+        (("--strategy", "random"), "valid values: evolution, best_of_n, rl, hybrid"),
+        (("--strategy", "evolution", "--rl-policy", "hf:/x"), "apply to --strategy rl or hybrid"),
         (("--edit-format", "patch"), "valid values: diff, search-replace, whole-file"),
     ],
 )

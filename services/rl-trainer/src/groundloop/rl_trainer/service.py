@@ -146,9 +146,8 @@ class TrainerContext:
             loss,
         )
         data = await asyncio.to_thread(policy.state_bytes)
-        # A replica may have stored it meanwhile: take its bytes rather than put again, as a
-        # put over an existing object must purge that object's chunks, which no role may do
-        # (the put would time out, and so would every retry of this event).
+        # A replica may have stored it meanwhile: take its bytes, so that every replica and
+        # restart starts from the very same version 0 (the first stored wins).
         with contextlib.suppress(ObjectNotFoundError):
             return await self.bus.get_artifact(key)
         await self.bus.put_artifact(key, data)

@@ -25,14 +25,13 @@ import base64
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import nats
 from nats.errors import AuthorizationError, ConnectionClosedError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js import api
 from nats.js.errors import (
     APIError,
     KeyNotFoundError,
@@ -42,6 +41,7 @@ from nats.js.errors import (
 )
 
 from groundloop import bus_setup, identity, telemetry
+from groundloop.bus_reading import LogReading
 from groundloop.bus_setup import BrokerUnavailable as BrokerUnavailable
 from groundloop.events import Event, encode
 from groundloop.permissions import OPERATOR, ROLES, Names, inbox_prefix
@@ -75,7 +75,10 @@ class Published:
     refused: bool = False  # once_per_subject and the subject already had a message
 
 
-class Bus:
+class Bus(LogReading):
+    """A connection to the log; bulk reading (replay, entries, dead letters) is in
+    `groundloop.bus_reading`."""
+
     def __init__(
         self,
         settings: Settings,
@@ -363,100 +366,6 @@ class Bus:
         except NotFoundError:
             return None
         return await self.read(stored.subject, stored.data or b"", seq, dict(stored.headers or {}))
-
-    async def events(self, search_id: str | None = None, batch: int = 1000) -> AsyncIterator[Event]:
-        """Replay the log in publish order (one search, or all) up to its current end."""
-        async for _seq, event in self.raw_events(search_id, batch):
-            yield event
-
-    async def raw_events(
-        self, search_id: str | None = None, batch: int = 1000
-    ) -> AsyncIterator[tuple[int, Event]]:
-        """(stream seq, event) in publish order; quarantined entries are skipped."""
-        async for seq, entry in self.entries(search_id, batch):
-            if not isinstance(entry, Quarantined):
-                yield seq, entry
-
-    async def entries(
-        self, search_id: str | None = None, batch: int = 1000
-    ) -> AsyncIterator[tuple[int, Event | Quarantined]]:
-        """Every entry up to the log's current end, read through `read`: for readers that
-        show garbage (`events tail`) rather than skip it."""
-        subject = self.subject_filter(search_id=search_id or "*")
-        async with self.reader(subject) as sub:
-            info = await sub.consumer_info()
-            pending = info.num_pending
-            while pending > 0:
-                try:
-                    msgs = await sub.fetch(min(batch, pending), timeout=5.0)
-                except (TimeoutError, NatsTimeout):
-                    continue
-                for msg in msgs:
-                    pending = msg.metadata.num_pending
-                    seq = msg.metadata.sequence.stream
-                    yield seq, await self.read(msg.subject, msg.data, seq, msg.headers or {})
-
-    @contextlib.asynccontextmanager
-    async def reader(self, subject: str, start: int = 1) -> AsyncIterator[Any]:
-        """A temporary pull subscription on the log from sequence `start`, deleted on exit:
-        left to expire, every read would hold one of the stream's 1,000 consumers for a
-        minute, and a role reading per event (the rl-trainer, the ideator) reached the cap."""
-        sub = await self.js.pull_subscribe(
-            subject,
-            stream=self.settings.stream,
-            config=api.ConsumerConfig(
-                ack_policy=api.AckPolicy.NONE,
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=max(start, 1),
-                inactive_threshold=60.0,  # a reader that dies without deleting it
-                max_waiting=1,
-            ),
-        )
-        try:
-            yield sub
-        finally:
-            with contextlib.suppress(Exception):  # best effort: it expires anyway
-                name = (await sub.consumer_info()).name
-                await self.js.delete_consumer(self.settings.stream, name)
-            await sub.unsubscribe()
-
-    async def stream_state(self) -> dict[str, int]:
-        info = await self.js.stream_info(self.settings.stream)
-        return {"messages": info.state.messages, "last_seq": info.state.last_seq}
-
-    async def dead_letters(self, role: str) -> list[tuple[dict[str, str], bytes]]:
-        """All dead letters of one role (for tests and `groundloop events dead-letters`)."""
-        subject = self.dead_letter_subject(role)
-        return [
-            (headers, body)
-            for msg_subject, headers, body in await self._stored(self.settings.dlq_stream)
-            if msg_subject == subject
-        ]
-
-    async def quarantined(self) -> list[Quarantined]:
-        """Every quarantined log entry, in the order they were first read."""
-        return [
-            Quarantined(
-                int(headers.get("Groundloop-Stream-Seq", "0")),
-                headers.get("Groundloop-Subject", ""),
-                headers.get("Groundloop-Reason", ""),
-                body,
-            )
-            for _subject, headers, body in await self._stored(self.quarantine_stream)
-        ]
-
-    async def _stored(self, stream: str) -> list[tuple[str, dict[str, str], bytes]]:
-        out: list[tuple[str, dict[str, str], bytes]] = []
-        info = await self.js.stream_info(stream)
-        if info.state.messages == 0:
-            return out
-        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
-            try:
-                msg = await self.js.get_msg(stream, seq)
-            except NotFoundError:
-                continue
-            out.append((msg.subject, dict(msg.headers or {}), msg.data or b""))
-        return out
 
 
 def _object_digest(data: bytes) -> str:

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from nats.errors import TimeoutError as NatsTimeout
 
 from groundloop import events as ev
 from groundloop.broker import BrokerError, find_nats_server
@@ -372,7 +373,17 @@ async def test_a_client_fails_over_to_the_next_url_in_its_list(tmp_path: Path):
         second = await bus.publish(search_started("after"))
         assert bus.nc.connected_url.geturl() == order[1]
         assert second.seq == first.seq + 1 and not second.duplicate
-        assert [e.search_id async for e in bus.events()] == ["before", "after"]
+
+        async def stored() -> list[str] | None:
+            # A read makes a consumer, a JetStream-wide operation that waits while the cluster
+            # settles after the kill (over 10 s on a loaded machine): retry until it answers.
+            try:
+                return [e.search_id async for e in bus.events()]
+            except (TimeoutError, NatsTimeout):
+                return None
+
+        ids = await eventually(stored, timeout=60, what="a read of the log after the failover")
+        assert ids == ["before", "after"]
     finally:
         await bus.close()
         await operator.close()

@@ -9,13 +9,20 @@ leaderboard.md  a "Policy" section: one row per step, collapse flagged
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from groundloop.api.store import PolicyRow
+from groundloop import events as ev
+from groundloop.api.store import PolicyRow, make_engine
+from groundloop.bus import Bus
+from groundloop.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -142,3 +149,36 @@ def _int(value: int | None) -> str:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+async def policy_steps_settled(
+    settings: Settings, search_id: str, stop: asyncio.Event, timeout: float = 120.0
+) -> None:
+    """Wait until every policy step is published and projected: the last group trains on
+    results that may come in just before SearchCompleted, and the report should show it.
+    Gives up (saying so) after `timeout`, or at Ctrl-C; a later `groundloop report` has it."""
+    bus = await Bus.connect(settings, "cli")
+    engine = make_engine(settings.resolved_db_url())
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not stop.is_set():
+            steps = len(
+                [
+                    e
+                    async for e in bus.events(search_id)
+                    if isinstance(e, ev.GenerationAdvanced) and e.plan.rl > 0
+                ]
+            )
+            with Session(engine) as session:
+                if len(policy_rows(session, search_id)) >= steps:
+                    return
+            if loop.time() > deadline:
+                log.warning(
+                    "search %s: the policy's last step is not in after %.0fs", search_id, timeout
+                )
+                return
+            await asyncio.sleep(0.5)
+    finally:
+        engine.dispose()
+        await bus.close()

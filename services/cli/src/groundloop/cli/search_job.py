@@ -33,6 +33,7 @@ from groundloop.bus import Bus
 from groundloop.cli.gpus import GpuPlan, plan_gpus
 from groundloop.cli.progress import console, fetch_logs, watch
 from groundloop.cli.report import write_report
+from groundloop.cli.report_rl import policy_steps_settled
 from groundloop.cli.rl_options import rl_settings
 from groundloop.cli.search_settings import (
     EDIT_FORMATS,
@@ -158,6 +159,8 @@ async def run_search(
             raise SearchEndedBadly(str(exc)) from None
     try:
         ended = await watch(settings, started.search_id, stop, tasks)
+        if ended is not None and ended.status != "stopped" and started.rl is not None:
+            await policy_steps_settled(settings, started.search_id, stop)
     finally:
         if dashboard is not None:
             await dashboard.stop()

@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     owned = engine is None
     engine = engine or make_engine(settings.resolved_db_url())
     broker = BrokerLink(settings)
-    writer = routes_control.WriterLink(settings)  # the one connection that may publish
+    writer = routes_control.writer_link(settings)  # the one connection that may publish
     create_tables(engine)  # a fresh install answers with empty lists, not errors
 
     @asynccontextmanager

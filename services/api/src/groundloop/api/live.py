@@ -62,27 +62,33 @@ SUMMARY_FIELDS = (
 )
 
 
-class BrokerLink:
-    """The dashboard's one broker connection, opened on first use, closed with the app."""
+READER_ADVICE = (
+    "no broker configured: set GROUNDLOOP_NATS_URL (or start the dashboard with `groundloop "
+    "ui`, which starts or reuses the embedded broker) to see live events, run logs and stored "
+    "diffs"
+)
 
-    def __init__(self, settings: Settings) -> None:
+
+class BrokerLink:
+    """One broker connection of the app, opened on first use, closed with the app. The read
+    side connects as "api" (the projector role: it may publish nothing); the write endpoints
+    have a link of their own (routes_control)."""
+
+    def __init__(self, settings: Settings, name: str = "api", advice: str = READER_ADVICE) -> None:
         self.settings = settings
+        self.name = name
+        self.advice = advice  # what a 503 says when no broker is configured
         self._bus: Bus | None = None
         self._lock = asyncio.Lock()
 
     async def bus(self) -> Bus:
-        """The connected bus, or a 503 that says how to give the dashboard a broker."""
+        """The connected bus, or a 503 that says how to give the app a broker."""
         if not self.settings.nats_url:
-            raise HTTPException(
-                status_code=503,
-                detail="no broker configured: set GROUNDLOOP_NATS_URL (or start the dashboard "
-                "with `groundloop ui`, which starts or reuses the embedded broker) to see live "
-                "events, run logs and stored diffs",
-            )
+            raise HTTPException(status_code=503, detail=self.advice)
         async with self._lock:
             if self._bus is None:
                 try:
-                    self._bus = await Bus.connect(self.settings, "api")
+                    self._bus = await Bus.connect(self.settings, self.name)
                 except BrokerUnavailable as exc:
                     raise HTTPException(status_code=503, detail=str(exc)) from None
             return self._bus

@@ -15,7 +15,6 @@ publishes nothing.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from typing import Annotated, Any, Literal, get_args
 
@@ -27,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from groundloop import events as ev
 from groundloop import search_request
-from groundloop.bus import BrokerUnavailable, Bus
+from groundloop.api.live import BrokerLink
+from groundloop.bus import Bus
 from groundloop.execution.environment import Environment
 from groundloop.guarded_publish import publish_event
 from groundloop.history_fork import ForkError, fork
@@ -78,33 +78,15 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(tags=["control"], dependencies=[Depends(require_token)], responses=REFUSALS)
 
 
-class WriterLink:
-    """The write connection ("cli-api", role cli), opened on first use, closed with the app."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._bus: Bus | None = None
-        self._lock = asyncio.Lock()
-
-    async def bus(self) -> Bus:
-        if not self.settings.nats_url:
-            raise HTTPException(
-                status_code=503,
-                detail="no broker configured: set GROUNDLOOP_NATS_URL to the deployment's "
-                "broker so the API can record the request in its log",
-            )
-        async with self._lock:
-            if self._bus is None:
-                try:
-                    self._bus = await Bus.connect(self.settings, WRITER_CONNECTION)
-                except BrokerUnavailable as exc:
-                    raise HTTPException(status_code=503, detail=str(exc)) from None
-            return self._bus
-
-    async def close(self) -> None:
-        if self._bus is not None:
-            await self._bus.close()
-            self._bus = None
+def writer_link(settings: Settings) -> BrokerLink:
+    """The write connection ("cli-api", role cli): the one connection of the app that may
+    publish."""
+    return BrokerLink(
+        settings,
+        WRITER_CONNECTION,
+        "no broker configured: set GROUNDLOOP_NATS_URL to the deployment's broker so the API "
+        "can record the request in its log",
+    )
 
 
 class Recorded(BaseModel):

@@ -4,6 +4,8 @@ it tells a search that ended badly (SearchEndedBadly, exit code 1)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.console import Console
 
@@ -40,49 +42,24 @@ def search_started_event(
     search_id: str,
     env: Environment,
     *,
-    strategy: str,
-    generations: int,
-    ideas: int,
-    seed: int,
     model: str | None,
     implementer_model: str | None,
-    baseline_seeds: int,
-    final_top_k: int,
-    final_seeds: int,
-    budgets: ev.Budgets,
-    deadline: float | None,
-    ideas_per_call: int = 10,
-    samples: int = 2,
-    revisions: int = 2,
-    edit_format: str | None = None,
     llm_settings: object | None = None,
-    rl: ev.RLSettings | None = None,
+    **choices: Any,
 ) -> ev.SearchStarted:
-    """groundloop.search_request's SearchStarted (the API builds it the same way), with the
-    price table checked here: a hosted model with no price exits 2 naming --price."""
+    """groundloop.search_request's SearchStarted (the API builds it the same way; `choices`
+    are its keyword arguments), with the price table checked here: a hosted model with no
+    price exits 2 naming --price."""
     prices: dict[str, ev.ModelPrice] = {}
     if model:  # the table in force is part of the record, so costs can be audited later
         prices = checked_prices([model, implementer_model or model], llm_settings)
     return search_request.search_started_event(
         search_id,
         env,
-        strategy=strategy,
-        generations=generations,
-        ideas=ideas,
-        seed=seed,
         model=model,
         implementer_model=implementer_model,
-        baseline_seeds=baseline_seeds,
-        final_top_k=final_top_k,
-        final_seeds=final_seeds,
-        budgets=budgets,
-        deadline=deadline,
         price_table=prices,
-        ideas_per_call=ideas_per_call,
-        samples=samples,
-        revisions=revisions,
-        edit_format=edit_format,
-        rl=rl,
+        **choices,
     )
 
 

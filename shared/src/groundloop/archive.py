@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from groundloop import events as ev
@@ -141,17 +140,9 @@ def entry_bytes(entry: Entry) -> int:
 
 async def stream_entries(bus: Bus, search_id: str, batch: int = 1000) -> AsyncIterator[Entry]:
     """The search's raw entries up to the stream's current end, in stream order."""
-    async with bus.reader(bus.subject_filter(search_id=search_id)) as sub:
-        pending = (await sub.consumer_info()).num_pending
-        while pending > 0:
-            try:
-                msgs = await sub.fetch(min(batch, pending), timeout=5.0)
-            except (TimeoutError, NatsTimeout):
-                continue
-            for msg in msgs:
-                pending = msg.metadata.num_pending
-                headers = dict(msg.headers or {})
-                yield Entry(msg.metadata.sequence.stream, msg.subject, headers, msg.data or b"")
+    async for msg in bus.stored_messages(search_id, batch):
+        headers = dict(msg.headers or {})
+        yield Entry(msg.metadata.sequence.stream, msg.subject, headers, msg.data or b"")
 
 
 async def finishing_event(bus: Bus, entries: list[Entry]) -> str | None:

@@ -61,10 +61,18 @@ class LogReading:
     ) -> AsyncIterator[tuple[int, Event | Quarantined]]:
         """Every entry up to the log's current end, read through `read`: for readers that
         show garbage (`events tail`) rather than skip it."""
+        async for msg in self.stored_messages(search_id, batch):
+            seq = msg.metadata.sequence.stream
+            yield seq, await self.read(msg.subject, msg.data, seq, msg.headers or {})
+
+    async def stored_messages(
+        self, search_id: str | None = None, batch: int = 1000
+    ) -> AsyncIterator[Any]:
+        """The stored messages themselves (subject, headers, data, metadata), undecoded, up
+        to the log's current end: for `entries`, and for archives, which keep the bytes."""
         subject = self.subject_filter(search_id=search_id or "*")
         async with self.reader(subject) as sub:
-            info = await sub.consumer_info()
-            pending = info.num_pending
+            pending = (await sub.consumer_info()).num_pending
             while pending > 0:
                 try:
                     msgs = await sub.fetch(min(batch, pending), timeout=5.0)
@@ -72,8 +80,7 @@ class LogReading:
                     continue
                 for msg in msgs:
                     pending = msg.metadata.num_pending
-                    seq = msg.metadata.sequence.stream
-                    yield seq, await self.read(msg.subject, msg.data, seq, msg.headers or {})
+                    yield msg
 
     @contextlib.asynccontextmanager
     async def reader(self, subject: str, start: int = 1) -> AsyncIterator[Any]:

@@ -75,6 +75,9 @@ def test_a_missing_or_wrong_token_is_401(tmp_path):
         ({**START, "env": "nosuchenv"}, "no environment 'nosuchenv'"),
         ({**START, "rl": {"share": 0.5}}, "rl: applies to strategy rl or hybrid"),
         ({**START, "model": "nosuchprovider:model"}, "model"),
+        ({**START, "schedule": "asap"}, "schedule"),
+        ({**START, "strategy": "best_of_n", "schedule": "steady"}, "only the evolution"),
+        ({**START, "strategy": "rl", "schedule": "steady"}, "'body', 'schedule'"),
     ],
 )
 def test_invalid_start_bodies_are_422_naming_the_field(tmp_path, body, said):

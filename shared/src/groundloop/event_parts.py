@@ -55,6 +55,11 @@ class SearchConfig(Record):
     final_seeds: int = 3
     generation_deadline_s: float | None = None
     budgets: Budgets = Budgets()
+    # "generational": the paper's schedule, generation t+1 opens once every idea of t has its
+    # result. "steady": t+1 opens once half of t's ideas have a result and every generation
+    # before t is complete, so its ideas are written and patched while t's last runs still
+    # hold the slots (evolution only; groundloop.evolver.decisions).
+    schedule: Literal["generational", "steady"] = "generational"
 
 
 class ProposerSettings(Record):

@@ -114,8 +114,9 @@ class SearchStarted(Event):
     the baseline and opens generation 0), the ideator and implementer (settings), projector."""
 
     type: Literal["SearchStarted"] = "SearchStarted"
-    # v2: implementer.edit_format; v3: strategy "hybrid" and `rl` (older payloads lift unchanged)
-    version: Literal[3] = 3
+    # v2: implementer.edit_format; v3: strategy "hybrid" and `rl`; v4: config.schedule
+    # (older payloads lift unchanged)
+    version: Literal[4] = 4
     environment: str
     environment_digest: str
     strategy: Literal["evolution", "best_of_n", "rl", "hybrid"]
@@ -400,6 +401,7 @@ def _lift_unchanged(version: int):
 # SearchStarted v2 added the optional implementer.edit_format (a v1 search chose it by model).
 UPCASTERS[("SearchStarted", 1)] = _lift_unchanged(2)
 UPCASTERS[("SearchStarted", 2)] = _lift_unchanged(3)
+UPCASTERS[("SearchStarted", 3)] = _lift_unchanged(4)
 UPCASTERS[("GenerationAdvanced", 1)] = _lift_unchanged(2)
 UPCASTERS[("SearchStopped", 1)] = _lift_unchanged(2)
 UPCASTERS[("PolicyUpdated", 1)] = _lift_unchanged(2)

@@ -18,6 +18,7 @@ from groundloop.execution.environment import Environment
 STRATEGIES = ("evolution", "best_of_n", "rl", "hybrid")
 EDIT_FORMATS = ("diff", "search-replace", "whole-file")  # ImplementerSettings.edit_format
 RL_STRATEGIES = ("rl", "hybrid")
+SCHEDULES = ("generational", "steady")  # SearchConfig.schedule
 
 
 def default_deadline(env: Environment, ideas: int, slots: int) -> float:
@@ -75,6 +76,7 @@ def search_started_event(
     revisions: int = 2,
     edit_format: str | None = None,
     rl: ev.RLSettings | None = None,
+    schedule: str = "generational",
 ) -> ev.SearchStarted:
     """The SearchStarted of a new search: the LLM proposer and implementer when `model` is
     given (the implementer defaults to the same model), the offline knob proposer otherwise.
@@ -83,6 +85,17 @@ def search_started_event(
     if strategy not in STRATEGIES:
         raise ValueError(
             f"strategy {strategy!r} is not valid; valid values: {', '.join(STRATEGIES)}"
+        )
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"schedule {schedule!r} is not valid; valid values: {', '.join(SCHEDULES)}"
+        )
+    if schedule == "steady" and strategy != "evolution":
+        raise ValueError(
+            f"schedule 'steady' overlaps generations, which only the evolution strategy can "
+            f"do: {strategy} needs every result of a generation before the next opens "
+            "(best_of_n has one generation; rl and hybrid train one policy step on each whole "
+            "generation). Use --schedule generational, or --strategy evolution"
         )
     if edit_format is not None and edit_format not in EDIT_FORMATS:
         raise ValueError(
@@ -119,6 +132,7 @@ def search_started_event(
             final_seeds=final_seeds,
             generation_deadline_s=deadline,
             budgets=budgets,
+            schedule=schedule,  # type: ignore[arg-type]  # checked above
         ),
         proposer=proposer,
         implementer=implementer,

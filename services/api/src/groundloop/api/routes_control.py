@@ -141,6 +141,11 @@ class StartSearch(BaseModel):
     rl: ev.RLSettings | None = Field(
         default=None, description="strategy rl or hybrid only (default: the CLI's defaults)"
     )
+    schedule: Literal["generational", "steady"] = Field(
+        default="generational",
+        description="steady (evolution only): a generation opens once half of the previous "
+        "one has results",
+    )
 
 
 class ForkSearch(BaseModel):
@@ -231,9 +236,12 @@ def build_start(settings: Settings, body: StartSearch) -> ev.SearchStarted:
             revisions=body.revisions,
             edit_format=body.edit_format,
             rl=rl,
+            schedule=body.schedule,
         )
-    except ValueError as exc:  # a model without a price, a model name that does not parse
-        raise unprocessable(("body", "model"), str(exc)) from None
+    except ValueError as exc:  # a model without a price, a model name that does not parse,
+        # a schedule the strategy cannot follow
+        field = "schedule" if str(exc).startswith("schedule ") else "model"
+        raise unprocessable(("body", field), str(exc)) from None
 
 
 @router.post(

@@ -30,6 +30,7 @@ from groundloop.events import (
     Event,
     FinalEvaluation,
     GenerationAdvanced,
+    GenerationSummary,
     RunRequested,
     SearchCompleted,
     SearchStarted,
@@ -99,8 +100,12 @@ def decide(state: SearchState, deps: Deps, cause: Event | None) -> list[Event]:
     if state.current_generation is None:
         return _baseline_phase(ctx)
     generation = state.current_generation
-    if state.generation_complete(generation) or _deadline_passed(ctx, generation):
+    if _deadline_passed(ctx, generation):
         return _advance(ctx, generation + 1)
+    if state.generation_complete(generation) and _earlier_settled(ctx, generation):
+        return _advance(ctx, generation + 1)
+    if _may_open_early(ctx, generation):
+        return _advance(ctx, generation + 1, early=True)
     return []
 
 
@@ -226,18 +231,49 @@ def _deadline_passed(ctx: _Decision, generation: int) -> bool:
     )
 
 
-def _advance(ctx: _Decision, generation: int) -> list[Event]:
+def _steady(ctx: _Decision) -> bool:
+    return ctx.config.schedule == "steady" and ctx.started.strategy == "evolution"
+
+
+def _earlier_settled(ctx: _Decision, generation: int) -> bool:
+    """Every generation before `generation` complete or past its deadline. Always so on the
+    generational schedule; on the steady one a generation may open before the previous is
+    complete, and neither the next early opening nor the final re-evaluation may leave an
+    older generation's results behind."""
+    if not _steady(ctx):
+        return True
+    return all(
+        ctx.state.generation_complete(g) or _deadline_passed(ctx, g)
+        for g in ctx.state.advanced_generations
+        if g < generation
+    )
+
+
+def _may_open_early(ctx: _Decision, generation: int) -> bool:
+    """Steady schedule: the next generation opens once half of this one's expected ideas
+    are terminal and every older generation is settled, so its ideas are written and
+    patched while this generation's last runs hold the slots. The decision is taken at the
+    log entry that makes the count reach half, so every replica takes it on the same state."""
+    if not _steady(ctx) or not _earlier_settled(ctx, generation):
+        return False
+    record = ctx.state.generations[generation]
+    terminal = sum(1 for i in record.idea_ids if ctx.state.ideas[i].terminal)
+    return 2 * terminal >= record.expected > 0
+
+
+def _advance(ctx: _Decision, generation: int, *, early: bool = False) -> list[Event]:
     """Open `generation`, or, when a budget is spent or the generations are done, begin the
-    final re-evaluation."""
+    final re-evaluation. An `early` opening (steady schedule) never begins the final phase:
+    that waits until every open generation is complete."""
     reason = ctx.state.stop_reason(next_generation=generation)
     if reason is not None:
-        return _begin_final(ctx, reason)
+        return [] if early else _begin_final(ctx, reason)
     state, config = ctx.state, ctx.config
     size = config.ideas_per_generation
     for room in (headroom(state, ctx.env, _final_reserve(ctx)), dollar_headroom(state)):
         size = size if room is None else min(size, room)
     if size <= 0:  # the next run would overshoot a budget: stop before dispatching it
-        return _begin_final(ctx, no_room_reason(state))
+        return [] if early else _begin_final(ctx, no_room_reason(state))
     beta = state.beta()
     plan = plan_generation(
         generation=generation,
@@ -249,7 +285,7 @@ def _advance(ctx: _Decision, generation: int) -> list[Event]:
         search_seed=ctx.started.seed,
         rl_share=ctx.started.rl.share if ctx.started.rl else 1.0,
     )
-    previous = state.summary(generation - 1) if generation > 0 else None
+    previous = _closed_summary(ctx, generation)
     log.info("search %s: opening generation %d (%s)", state.search_id, generation, plan)
     return [
         ctx.event(
@@ -262,6 +298,24 @@ def _advance(ctx: _Decision, generation: int) -> list[Event]:
             best_so_far=state.best_so_far(),
         )
     ]
+
+
+def _closed_summary(ctx: _Decision, generation: int) -> GenerationSummary | None:
+    """The summary carried by the opening of `generation`: of the generation before it on
+    the generational schedule. On the steady one, where openings run ahead of closings, of
+    the oldest settled generation not yet summarised, so each generation's summary is given
+    once and only when all of its results are in."""
+    if generation == 0:
+        return None
+    if not _steady(ctx):
+        return ctx.state.summary(generation - 1)
+    for g in ctx.state.advanced_generations:
+        record = ctx.state.generations[g]
+        if g >= generation or record.summarised:
+            continue
+        settled = ctx.state.generation_complete(g) or _deadline_passed(ctx, g)
+        return ctx.state.summary(g) if settled else None
+    return None
 
 
 def _final_unpatched_purpose(metric: Metric) -> str:

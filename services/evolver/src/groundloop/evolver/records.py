@@ -79,6 +79,7 @@ class GenerationRecord:
     idea_ids: list[str] = field(default_factory=list)
     baseline_run_ids: list[str] = field(default_factory=list)
     shortfall: int | None = None  # ideas the ideator could write, when fewer than planned
+    summarised: bool = False  # a GenerationAdvanced carried its summary as `previous`
 
     @property
     def planned(self) -> int:

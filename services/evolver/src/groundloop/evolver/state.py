@@ -102,6 +102,8 @@ class SearchState:
                 event.occurred_at,
                 event.plan,
             )
+            if event.previous is not None:
+                self._generation(event.previous.generation).summarised = True
 
     def _on_idea_proposed(self, event: IdeaProposed) -> None:
         self.cost_usd += event.usage.cost_usd

@@ -29,6 +29,7 @@ from groundloop.llm.client import ClientCache, LLMSettings
 from groundloop.settings import Settings
 from tests.factories import idea_proposed as an_idea
 from tests.factories import search_started_in
+from tests.paths import smoked_synthetic
 from tests.runner_support import settings_environment
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,7 +54,7 @@ def _smoke(patch: ev.Event) -> ev.PreflightCheck:
 
 
 def test_a_knob_ideas_smoke_run_records_the_sandbox_it_ran_in(tmp_path: Path):
-    env = Environment.load("synthetic")
+    env = Environment.load("synthetic", smoked_synthetic(tmp_path))
     [patch] = handle(an_idea(knobs={"LEARNING_RATE": 0.01}), _deps(tmp_path, env))
     smoke = _smoke(patch)
     assert smoke.ok, smoke
@@ -66,7 +67,7 @@ def test_a_knob_ideas_smoke_run_records_the_sandbox_it_ran_in(tmp_path: Path):
 def test_required_isolation_preflights_where_every_protection_holds(tmp_path: Path):
     if gaps := isolation_gaps(host_protections()):
         pytest.skip(f"this host lacks full isolation: {gaps}")
-    env = Environment.load("synthetic")
+    env = Environment.load("synthetic", smoked_synthetic(tmp_path))
     deps = _deps(tmp_path, env, require_full_isolation=True)
     [patch] = handle(an_idea(knobs={"LEARNING_RATE": 0.01}), deps)
     assert _smoke(patch).ok and "(sandbox: bubblewrap" in _smoke(patch).detail

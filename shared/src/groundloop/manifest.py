@@ -38,6 +38,8 @@ Example:
     cpus = 2
     memory_gb = 4
 
+    trusted_knobs = false                     # true: knob-only patches skip the smoke run
+
     [[knobs]]
     name = "LEARNING_RATE"                    # a module-level constant in `file`
     file = "train.py"
@@ -166,6 +168,10 @@ class Manifest(_Strict):
     budget: Budget
     resources: Resources = Resources()
     knobs: list[Knob] = []
+    # The author vouches that every setting of the knobs inside their ranges runs: a patch
+    # that only sets knob values in range skips the pre-flight smoke run (its run is still
+    # isolated and budgeted). Say so only where it is true.
+    trusted_knobs: bool = False
 
     @field_validator("editable", "protected")
     @classmethod
@@ -182,6 +188,8 @@ class Manifest(_Strict):
         for knob in self.knobs:
             if knob.file not in self.editable:
                 raise ValueError(f"knob {knob.name} lives in {knob.file}, which is not editable")
+        if self.trusted_knobs and not self.knobs:
+            raise ValueError("trusted_knobs = true needs [[knobs]] to trust; declare them")
         for value in (self.metric.hack_floor, self.metric.hack_ceiling):
             if value is not None and not math.isfinite(value):
                 raise ValueError("hack_floor/hack_ceiling must be finite numbers")

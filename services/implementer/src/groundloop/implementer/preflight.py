@@ -9,7 +9,9 @@
                allow-listed environment without keys, no network) with GROUNDLOOP_SMOKE=1,
                and leaves the protected files as they were. `limits` (e.g.
                require_full_isolation) is passed through; a passing check's detail
-               names the sandbox it ran in.
+               names the sandbox it ran in. Skipped, and said so, when the manifest has
+               `trusted_knobs = true` and the patch only sets declared knobs to values in
+               their ranges (knob_only.py): the environment vouches that those run.
 Checks stop at the first failure; each reports its seconds. The report's detail on a failure
 is written for a model to act on (it is shown to the implementer's LLM when it revises).
 """
@@ -25,6 +27,7 @@ from groundloop.events import PreflightCheck, PreflightReport
 from groundloop.execution.environment import Environment, PrepareFailed, ProtectedFileChanged
 from groundloop.execution.run_protocol import protocol_limits
 from groundloop.execution.sandbox import Limits, allowed_environment, run_sandboxed
+from groundloop.implementer.knob_only import knob_only_change
 
 TAIL_CHARS = 3000
 
@@ -176,7 +179,20 @@ def run_preflight(
         checks = [_traced(check_compiles(workspace, files_changed))]
         if checks[-1].ok:
             checks.append(_traced(check_protected(env, workspace)))
-        if checks[-1].ok:
+        trusted = trusted_knob_settings(env, workspace, files_changed) if checks[-1].ok else None
+        if trusted is not None:
+            settings = ", ".join(f"{name}={value}" for name, value in sorted(trusted.items()))
+            checks.append(
+                _traced(
+                    PreflightCheck(
+                        name="smoke",
+                        ok=True,
+                        detail=f"skipped: the patch only sets knobs within their declared "
+                        f"ranges ({settings}), which the manifest trusts (trusted_knobs)",
+                    )
+                )
+            )
+        elif checks[-1].ok:
             checks.append(
                 _traced(
                     check_smoke(
@@ -193,6 +209,22 @@ def run_preflight(
         report = PreflightReport(passed=all(c.ok for c in checks), checks=checks)
         span.set_attribute("groundloop.passed", report.passed)
         return report
+
+
+def trusted_knob_settings(
+    env: Environment, workspace: Path, files_changed: list[str]
+) -> dict[str, str] | None:
+    """The knob settings of a patch that needs no smoke run (see knob_only.py), or None."""
+    if not env.manifest.trusted_knobs or not files_changed:
+        return None
+    before, after = {}, {}
+    for rel in files_changed:
+        for side, path in ((before, env.root / rel), (after, workspace / rel)):
+            try:
+                side[rel] = path.read_text()
+            except (OSError, UnicodeDecodeError):
+                pass  # missing on one side: a new or deleted file, never knob-only
+    return knob_only_change(env.manifest, before, after)
 
 
 def _traced(check: PreflightCheck) -> PreflightCheck:

@@ -100,6 +100,26 @@ def test_an_unsettled_older_generation_holds_early_openings_back() -> None:
     assert world.completed() is not None
 
 
+def test_a_generation_opens_early_only_once_every_idea_of_the_current_one_is_written() -> None:
+    class SlowIdeator(World):
+        late: list = []
+
+        def propose(self, ga: GenerationAdvanced) -> list:
+            ideas = super().propose(ga)
+            if ga.generation == 1:  # half of generation 1 written now, the rest later
+                self.late = ideas[2:]
+                return ideas[:2]
+            return ideas
+
+    world = SlowIdeator()
+    world.run(search_started(generations=3, ideas_per_generation=4, schedule="steady"))
+    assert [ga.generation for ga in world.generations()] == [0, 1]
+    assert len(search_results(world, 1)) == 2  # half of 4 terminal, but 2 not yet written
+    world.run(*world.late)
+    assert [ga.generation for ga in world.generations()] == [0, 1, 2]
+    assert world.completed() is not None
+
+
 def test_the_generational_schedule_opens_only_after_the_last_result() -> None:
     world = World().run(search_started(generations=3, ideas_per_generation=6))
     for g in range(2):

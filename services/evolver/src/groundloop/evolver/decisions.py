@@ -250,13 +250,17 @@ def _earlier_settled(ctx: _Decision, generation: int) -> bool:
 
 
 def _may_open_early(ctx: _Decision, generation: int) -> bool:
-    """Steady schedule: the next generation opens once half of this one's expected ideas
-    are terminal and every older generation is settled, so its ideas are written and
-    patched while this generation's last runs hold the slots. The decision is taken at the
-    log entry that makes the count reach half, so every replica takes it on the same state."""
+    """Steady schedule: the next generation opens once every idea of this one is written,
+    half of them are terminal and every older generation is settled, so the next ideas are
+    written and patched while this generation's last runs hold the slots. (All written
+    first: the ideator writes one generation at a time, each knowing every earlier idea.)
+    The decision is taken at the log entry that makes the count reach half, so every
+    replica takes it on the same state."""
     if not _steady(ctx) or not _earlier_settled(ctx, generation):
         return False
     record = ctx.state.generations[generation]
+    if len(record.idea_ids) < record.expected:
+        return False
     terminal = sum(1 for i in record.idea_ids if ctx.state.ideas[i].terminal)
     return 2 * terminal >= record.expected > 0
 

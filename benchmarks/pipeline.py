@@ -1,10 +1,12 @@
 """Whole-pipeline throughput on this machine: ideator -> implementer (with pre-flight) ->
 runner -> evolver -> projector, as `groundloop search` runs them (every service a task of this
-process talking through its own embedded nats-server; the CLI's progress display polling the
-projection), on a copy of the `synthetic` environment. Prints numbers; asserts nothing.
+process, or with --role-processes some of them child processes, talking through its own
+embedded nats-server; the CLI's progress display polling the projection), on a copy of the
+`synthetic` environment. Prints numbers; asserts nothing.
 
     .venv/bin/python benchmarks/pipeline.py [--proposer llm|knobs] [--candidates 1000]
         [--ideas-per-generation 50] [--slots 8] [--eval-seconds 0] [--samples 1]
+        [--role-processes on|off|ROLE,ROLE...] [--schedule generational|steady]
 
 - proposer "llm": the ideator and the implementer call a scripted OpenAI-compatible model
   served on this machine (tests/llm_server.py; answers are instant): the ideator gets
@@ -18,8 +20,18 @@ Measured: launch (SearchStarted published) -> first candidate's RunCompleted; ca
 second over all of them and over the first and the last 200 (goal: >= 30/s with no-op runs,
 the last 200 at >= 90 % of the first 200's rate); slot utilisation = sum of every run's
 wall seconds / (slots x span from the first RunStarted to the last RunCompleted) (goal with
-1-s runs on 8 slots: >= 97 %); this process's CPU seconds (all services, every thread;
-sandboxed runs are children and counted apart) per candidate (goal <= 0.03 s).
+1-s runs on 8 slots: >= 97 %); orchestration CPU seconds per candidate (goal <= 0.03 s):
+the CPU (user + system, every thread) of this process, which plays the CLI (the roles run
+in-process, the progress display, this benchmark's clock and, with --proposer llm, the
+scripted model server's threads), plus that of each role process of `--role-processes`
+(read from /proc/<pid>/stat at every candidate and every half second, so the last reading
+is taken just before the role exits). Not counted: the sandboxed run and smoke-run
+processes (reported apart, from this process's reaped children, role processes included),
+and the nats-server.
+
+`--role-processes`: off = every role a task of this process; on = the roles `groundloop
+search --role-processes` moves out (groundloop.cli.embedded_roles.ROLE_PROCESSES); or a
+comma-separated list of roles (projector, evolver, ideator, implementer, runner).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import re
 import resource
@@ -39,9 +52,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pydantic import SecretStr  # noqa: E402
+
 from groundloop import events as ev  # noqa: E402
 from groundloop.broker import EmbeddedBroker, free_port  # noqa: E402
 from groundloop.bus import Bus  # noqa: E402
+from groundloop.cli.embedded_roles import (  # noqa: E402
+    ROLE_PROCESSES,
+    ROLE_PROCESSES_BY_DEFAULT,
+    check_roles,
+)
 from groundloop.cli.search_job import default_deadline, run_search  # noqa: E402
 from groundloop.execution.applier import make_diff  # noqa: E402
 from groundloop.execution.environment import Environment  # noqa: E402
@@ -117,14 +137,67 @@ class ScriptedModel:
         return Reply(text=body, input_tokens=3000, output_tokens=150 * count)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ROLE_CHILD = b"groundloop.cli.role_child"  # in the command line of every role process
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat from field 3 (state) on; the name in parentheses may hold spaces."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+class RoleProcessCpu:
+    """CPU seconds (user + system, every thread; not its children) of each role process of
+    this one, from /proc/<pid>/stat. The last reading of a process is kept once it is gone,
+    so sampling often enough reads it just before it exits."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.seconds: dict[int, float] = {}
+        self.modules: dict[int, str] = {}  # the role's entry point, e.g. groundloop.runner
+
+    def _discover(self) -> None:
+        me = str(os.getpid())
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in self.seconds:
+                continue
+            try:
+                if _stat_fields(int(entry.name))[1] != me:
+                    continue
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if ROLE_CHILD in argv:
+                    self.seconds[int(entry.name)] = 0.0
+                    self.modules[int(entry.name)] = argv[argv.index(ROLE_CHILD) + 1].decode()
+            except (OSError, IndexError):
+                continue  # exited while listed
+
+    def sample(self) -> float:
+        if len(self.seconds) < self.expected:
+            self._discover()
+        for pid in self.seconds:
+            try:
+                fields = _stat_fields(pid)
+                self.seconds[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            except (OSError, IndexError, ValueError):
+                pass  # gone: keep its last reading
+        return sum(self.seconds.values())
+
+    async def sample_every(self, period_s: float, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.sample()
+            await asyncio.sleep(period_s)
+
+
 class Clock:
     """Receipt times of RunStarted / RunCompleted (a core subscription on this process's
     own connection, so it costs what a dashboard watching the search would)."""
 
-    def __init__(self) -> None:
+    def __init__(self, roles: RoleProcessCpu) -> None:
         self.started: list[float] = []
         self.completed: list[tuple[float, ev.RunCompleted]] = []
-        self.cpu_at: list[float] = []  # this process's CPU seconds at each candidate
+        self.cpu_at: list[float] = []  # orchestration CPU seconds at each candidate
+        self.roles = roles
 
     async def start(self, bus: Bus) -> None:
         async def on_msg(msg) -> None:
@@ -135,7 +208,7 @@ class Clock:
             elif isinstance(event, ev.RunCompleted):
                 self.completed.append((now, event))
                 if event.purpose == "search":
-                    self.cpu_at.append(cpu_seconds())
+                    self.cpu_at.append(cpu_seconds() + self.roles.sample())
 
         prefix = bus.settings.subject_prefix
         await bus.nc.subscribe(f"{prefix}.*.RunStarted.>", cb=on_msg)
@@ -145,6 +218,16 @@ class Clock:
 def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
+
+
+def role_processes(choice: str) -> tuple[str, ...]:
+    if choice == "off":
+        return ()
+    if choice == "on":
+        return ROLE_PROCESSES
+    roles = tuple(part.strip() for part in choice.split(",") if part.strip())
+    check_roles(roles)
+    return roles
 
 
 def window_rate(times: list[float]) -> float:
@@ -167,7 +250,9 @@ async def bench(args: argparse.Namespace) -> dict:
     if server is not None:
         server.responder = ScriptedModel(env).reply
         model = f"openai-compatible:bench-model@{server.openai_base_url}"
-        llm_settings = LLMSettings(openai_api_key="unused", max_concurrency=args.model_concurrency)
+        llm_settings = LLMSettings(
+            openai_api_key=SecretStr("unused"), max_concurrency=args.model_concurrency
+        )
         prices, _ = priced_models([model], llm_settings)
     started = search_started_event(
         f"pipeline-{args.proposer}",
@@ -187,26 +272,39 @@ async def bench(args: argparse.Namespace) -> dict:
         samples=args.samples,
         revisions=0,
         edit_format="diff" if model else None,
+        schedule=args.schedule,
     )
-    clock = Clock()
+    # The search has no policy, so no rl-trainer to run anywhere.
+    apart = tuple(r for r in role_processes(args.role_processes) if r != "rl-trainer")
+    roles = RoleProcessCpu(expected=len(apart))
+    clock = Clock(roles)
     try:
         with EmbeddedBroker(root, free_port()) as broker:
             live = settings.model_copy(update={"nats_url": broker.url})
             watcher = await Bus.connect(live, "bench-clock")
             await clock.start(watcher)
             cpu0, children0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
+            sampling = asyncio.Event()
+            sampler = asyncio.create_task(roles.sample_every(0.5, sampling))
             t0 = time.perf_counter()
-            await run_search(
-                live,
-                started,
-                env,
-                slots=args.slots,
-                report_dir=root / "reports",
-                llm_settings=llm_settings,
-            )
+            try:
+                await run_search(
+                    live,
+                    started,
+                    env,
+                    slots=args.slots,
+                    report_dir=root / "reports",
+                    llm_settings=llm_settings,
+                    role_processes=apart,
+                )
+            finally:
+                sampling.set()
+                await sampler
             wall = time.perf_counter() - t0
-            cpu = cpu_seconds() - cpu0
-            children = cpu_seconds(resource.RUSAGE_CHILDREN) - children0
+            role_cpu = sum(roles.seconds.values())
+            cpu = cpu_seconds() - cpu0 + role_cpu
+            # Reaped descendants: the sandboxed runs, and the role processes with theirs.
+            children = cpu_seconds(resource.RUSAGE_CHILDREN) - children0 - role_cpu
             await watcher.close()
     finally:
         if server is not None:
@@ -221,6 +319,8 @@ async def bench(args: argparse.Namespace) -> dict:
     span = (clock.completed[-1][0] - clock.started[0]) if clock.completed and clock.started else 0.0
     result = {
         "proposer": args.proposer,
+        "role_processes": ",".join(apart) or "off",
+        "schedule": args.schedule,
         "candidates": n,
         "statuses": statuses,
         "slots": args.slots,
@@ -233,6 +333,8 @@ async def bench(args: argparse.Namespace) -> dict:
         "utilisation": busy / (args.slots * span) if span else 0.0,
         "cpu_per_candidate_s": (clock.cpu_at[-1] - cpu0) / n if n else None,
         "cpu_total_s": cpu,
+        "role_processes_cpu_s": role_cpu,
+        "cpu_s_by_role_process": {roles.modules[p]: round(c, 2) for p, c in roles.seconds.items()},
         "children_cpu_s": children,
         "wall_s": wall,
         "root": str(root),
@@ -246,7 +348,8 @@ def show(r: dict) -> None:
     ratio = r["rate_last"] / r["rate_first"] if r["rate_first"] else 0.0
     first = r["launch_to_first_candidate_s"]
     print(
-        f"pipeline, proposer {r['proposer']}, {r['candidates']} candidates "
+        f"pipeline, proposer {r['proposer']}, role processes {r['role_processes']}, "
+        f"schedule {r['schedule']}, {r['candidates']} candidates "
         f"({r['ideas_per_generation']}/generation), {r['slots']} slots, "
         f"{r['eval_seconds']:g}-s runs; statuses {r['statuses']}\n"
         f"  launch -> first candidate : {first:.2f} s\n"
@@ -255,14 +358,15 @@ def show(r: dict) -> None:
         f" ({ratio:.0%}; goal >= 90%)\n"
         f"  slot utilisation          : {r['utilisation']:.1%}  (goal >= 97% with 1-s runs, 8 slots)\n"
         f"  orchestration CPU/cand.   : {r['cpu_per_candidate_s']:.4f} s  (goal <= 0.03; this "
-        f"process, every service; {r['cpu_total_s']:.1f} s in all)\n"
+        f"process and the role processes; {r['cpu_total_s']:.1f} s in all, "
+        f"{r['role_processes_cpu_s']:.1f} s of it in role processes)\n"
         f"  sandboxed children CPU    : {r['children_cpu_s']:.1f} s; wall {r['wall_s']:.1f} s",
         flush=True,
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--proposer", choices=("llm", "knobs"), default="llm")
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--ideas-per-generation", type=int, default=50)
@@ -272,6 +376,13 @@ def main() -> None:
         "--samples", type=int, default=1, help="implementer samples per idea (one candidate each)"
     )
     parser.add_argument("--model-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--role-processes",
+        default="on" if ROLE_PROCESSES_BY_DEFAULT else "off",
+        help="on | off | ROLE,ROLE...: the roles run as child processes (default: as "
+        "`groundloop search`)",
+    )
+    parser.add_argument("--schedule", choices=("generational", "steady"), default="generational")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data folder")
     args = parser.parse_args()

@@ -4,8 +4,14 @@ SearchStarted, shows progress until SearchCompleted, then writes the report fold
 A search that ends without success exits non-zero with its reason: SearchStopped (the model
 cannot be reached or is not served: the reason names the URL and the OS error), or a
 SearchCompleted that says the search could not run (the environment failed to load, the
-baseline failed on every seed). Choices (--strategy, --edit-format) are checked before
-anything starts, and the error lists the valid values.
+baseline failed on every seed), or a role process that died (--role-processes: the error
+names the role and shows the tail of its log). Choices (--strategy, --edit-format,
+--schedule) are checked before anything starts (exit 2), and the error lists the valid
+values or says which combination cannot work (steady with a strategy other than evolution).
+
+Where the roles run (embedded_roles): by default every role is a task of this process; with
+--role-processes each runs as a child process of it (role_processes), logging to
+<data dir>/searches/<search>/<role>.log.
 
 The default search id is derived from the command (environment, strategy, seed), so running
 the same command again after a crash or Ctrl-C resumes that search from its log: SearchStarted
@@ -20,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated
 
@@ -30,10 +37,18 @@ from groundloop import events as ev
 from groundloop import telemetry
 from groundloop.api.store import make_engine
 from groundloop.bus import Bus
+from groundloop.cli.embedded_roles import (
+    ROLE_PROCESSES,
+    ROLE_PROCESSES_BY_DEFAULT,
+    role_flags,
+    role_process_group,
+    run_services,
+    runner_settings,
+    search_roles,
+)
 from groundloop.cli.gpus import GpuPlan, plan_gpus
-from groundloop.cli.progress import console, fetch_logs, watch
+from groundloop.cli.progress import console, fetch_logs
 from groundloop.cli.report import write_report
-from groundloop.cli.report_rl import policy_steps_settled
 from groundloop.cli.rl_options import rl_settings
 from groundloop.cli.search_settings import (
     EDIT_FORMATS,
@@ -44,7 +59,9 @@ from groundloop.cli.search_settings import (
     llm_overrides,
     search_started_event,
 )
+from groundloop.cli.search_watch import watch_until_ended
 from groundloop.execution.environment import Environment
+from groundloop.search_request import SCHEDULES
 from groundloop.search_request import default_deadline as default_deadline
 from groundloop.settings import Settings
 from groundloop.telemetry import configure_logging
@@ -62,43 +79,6 @@ def default_slots(env: Environment) -> int:
     return max(1, ((os.cpu_count() or 1) - 1) // env.manifest.resources.cpus)
 
 
-async def run_services(
-    settings: Settings,
-    stop: asyncio.Event,
-    *,
-    resource_class: ev.ResourceClass,
-    slots: int,
-    with_runner: bool = True,
-    llm_settings: object | None = None,
-    gpus: GpuPlan | None = None,
-    with_trainer: bool = False,
-) -> list[asyncio.Task]:
-    """Every service as a task of this process; they still talk only through NATS. The
-    rl-trainer (torch, transformers, trl: slow to import) only when the search uses a policy."""
-    from groundloop.api.service import run as projector
-    from groundloop.evolver.service import run as evolver
-    from groundloop.ideator.service import run as ideator
-    from groundloop.implementer.service import run as implementer
-    from groundloop.runner.service import run as runner
-    from groundloop.runner.slots import RunnerSettings
-
-    coros = [
-        projector(settings, stop),
-        evolver(settings, stop),
-        ideator(settings, stop, llm_settings=llm_settings),  # type: ignore[arg-type]
-        implementer(settings, stop, llm_settings=llm_settings),  # type: ignore[arg-type]
-    ]
-    if with_runner:
-        devices = {"gpus": gpus.gpus, "gpus_per_run": gpus.per_run} if gpus else {}
-        runner_settings = RunnerSettings(resource_class=resource_class, slots=slots, **devices)
-        coros.append(runner(settings, runner_settings, stop))
-    if with_trainer:
-        from groundloop.rl_trainer.service import run as rl_trainer
-
-        coros.append(rl_trainer(settings, stop))
-    return [asyncio.create_task(c) for c in coros]
-
-
 async def run_search(
     settings: Settings,
     started: ev.SearchStarted,
@@ -111,10 +91,12 @@ async def run_search(
     gpus: GpuPlan | None = None,
     with_trainer: bool = True,
     ui_port: int | None = None,
+    role_processes: Collection[str] = (),
 ) -> Path | None:
     """Run the search to its end; the report folder, or None when interrupted (resumable).
-    Raises SearchEndedBadly, after writing the report where there is one, when the search
-    stopped (SearchStopped) or could not run."""
+    The roles named in `role_processes` run as child processes (embedded_roles), the others
+    as tasks of this process. Raises SearchEndedBadly, after writing the report where there
+    is one, when the search stopped (SearchStopped), could not run, or lost a role process."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,40 +114,34 @@ async def run_search(
         console.print(f"resuming search {started.search_id} from its log")
     await bus.publish(started)
     await bus.close()
-    tasks = await run_services(
+    plan = {"resource_class": env.manifest.resource_class, "slots": slots, "gpus": gpus}
+    with_trainer = with_trainer and started.rl is not None
+    roles = search_roles(with_runner=with_runner, with_trainer=with_trainer)
+    apart = [role for role in roles if role in role_processes]
+    children = role_process_group(
         settings,
+        started.search_id,
         stop,
-        resource_class=env.manifest.resource_class,
-        slots=slots,
-        with_runner=with_runner,
         llm_settings=llm_settings,
-        gpus=gpus,
-        with_trainer=with_trainer and started.rl is not None,
+        runner_grace_s=runner_settings(**plan).shutdown_grace_s if "runner" in apart else 0.0,
     )
-    dashboard = None
-    if ui_port is not None:
-        from groundloop.api.serve import DashboardError, start_dashboard
-
-        try:
-            try:
-                dashboard = await start_dashboard(settings, "127.0.0.1", ui_port)
-            except DashboardError as exc:  # e.g. another search's dashboard holds the port
-                console.print(f"[yellow]{exc}; serving the dashboard on a free port instead[/]")
-                dashboard = await start_dashboard(settings, "127.0.0.1", 0)
-            console.print(f"dashboard: {dashboard.url}")
-        except DashboardError as exc:
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise SearchEndedBadly(str(exc)) from None
-    try:
-        ended = await watch(settings, started.search_id, stop, tasks)
-        if ended is not None and ended.status != "stopped" and started.rl is not None:
-            await policy_steps_settled(settings, started.search_id, stop)
-    finally:
-        if dashboard is not None:
-            await dashboard.stop()
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with children:  # however this block is left, no role process outlives it
+        for role in apart:  # first: their start-up overlaps this process's
+            children.start(role, role_flags(role, **plan))
+        if apart:
+            console.print(f"role processes: {', '.join(apart)} (logs in {children.log_dir})")
+        tasks = await run_services(
+            settings,
+            stop,
+            with_runner=with_runner,
+            llm_settings=llm_settings,
+            with_trainer=with_trainer,
+            elsewhere=apart,
+            **plan,
+        )
+        ended = await watch_until_ended(
+            settings, started, stop, [*tasks, *children.watchers], children, ui_port
+        )
     if ended is None:
         console.print(f"stopped; run the same command again to resume {started.search_id}")
         return None
@@ -298,11 +274,28 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
             list[str] | None,
             typer.Option(help="rl/hybrid setting KEY=VALUE, e.g. novelty_bonus=0.2 (repeatable)"),
         ] = None,
+        schedule: Annotated[
+            str,
+            typer.Option(
+                help="generational (the paper's: generation t+1 opens once every idea of t "
+                "has its result) | steady (evolution only: t+1 opens once half of t has "
+                "results, so its ideas are written while t's last runs hold the slots)"
+            ),
+        ] = "generational",
+        role_processes: Annotated[
+            bool,
+            typer.Option(
+                help="run the roles as child processes of this command, so the search uses "
+                "more than one core (logs in <data dir>/searches/<search>/); off: every role "
+                "a task of this process"
+            ),
+        ] = ROLE_PROCESSES_BY_DEFAULT,
     ) -> None:
         """Run a search end to end and write its report."""
         check_strategy(strategy)
         rl_config = rl_settings(strategy, rl_policy, rl)
         check_choice("--edit-format", edit_format, EDIT_FORMATS)
+        check_choice("--schedule", schedule, SCHEDULES)
         settings = Settings()
         configure_logging(
             settings.model_copy(update={"log_level": "WARNING"})
@@ -319,29 +312,34 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
         gpu_plan = plan_gpus(environment, runner)
         slots = slots or (gpu_plan.slots if gpu_plan else default_slots(environment))
         name = search_id or f"{environment.name}-{strategy.replace('_', '-')}-s{seed}"
-        started = search_started_event(
-            name,
-            environment,
-            strategy=strategy,
-            generations=generations,
-            ideas=ideas,
-            seed=seed,
-            model=model,
-            implementer_model=implementer_model,
-            baseline_seeds=baseline_seeds,
-            final_top_k=final_top_k,
-            final_seeds=final_seeds,
-            deadline=deadline
-            if deadline is not None
-            else default_deadline(environment, ideas, slots),
-            budgets=ev.Budgets(max_runs=max_runs, gpu_hours=gpu_hours, dollars=dollars),
-            ideas_per_call=ideas_per_call,
-            samples=samples,
-            revisions=revisions,
-            edit_format=edit_format,
-            llm_settings=llm_settings,
-            rl=rl_config,
-        )
+        try:
+            started = search_started_event(
+                name,
+                environment,
+                strategy=strategy,
+                generations=generations,
+                ideas=ideas,
+                seed=seed,
+                model=model,
+                implementer_model=implementer_model,
+                baseline_seeds=baseline_seeds,
+                final_top_k=final_top_k,
+                final_seeds=final_seeds,
+                deadline=deadline
+                if deadline is not None
+                else default_deadline(environment, ideas, slots),
+                budgets=ev.Budgets(max_runs=max_runs, gpu_hours=gpu_hours, dollars=dollars),
+                ideas_per_call=ideas_per_call,
+                samples=samples,
+                revisions=revisions,
+                edit_format=edit_format,
+                llm_settings=llm_settings,
+                rl=rl_config,
+                schedule=schedule,
+            )
+        except ValueError as exc:  # e.g. --schedule steady with a strategy that cannot overlap
+            console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         proposer = (
             f"model {model}"
             if model
@@ -367,6 +365,7 @@ def register(app: typer.Typer, replay_app: typer.Typer) -> None:
                         gpus=gpu_plan,
                         with_trainer=trainer,
                         ui_port=ui_port if ui else None,
+                        role_processes=ROLE_PROCESSES if role_processes else (),
                     )
                 )
 

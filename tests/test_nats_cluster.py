@@ -11,11 +11,7 @@ again.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,6 +26,7 @@ from groundloop.bus import BrokerUnavailable, Bus
 from groundloop.permissions import Names
 from groundloop.settings import Settings
 from tests.factories import search_started
+from tests.fleet import Fleet, settings_for
 from tests.paths import ENVIRONMENTS
 from tests.waiting import eventually
 
@@ -48,20 +45,10 @@ GENERATIONS, IDEAS = 2, 3
 
 
 def cluster_settings(cluster: NatsCluster, root: Path, tag: str, **extra: object) -> Settings:
-    settings = Settings(
-        nats_url=cluster.url,
-        nats_credentials_dir=cluster.credentials,
-        data_dir=root / "data",
-        db_url=f"sqlite:///{root / 'projections.db'}",
-        subject_prefix=f"cl{tag.lower()}",
-        stream=f"GL_CL_{tag}",
-        dlq_stream=f"GLDLQ_CL_{tag}",
-        artifacts_bucket=f"art_cl_{tag.lower()}",
-        ack_wait_s=2.0,
-        **{"stream_replicas": 3, **extra},  # type: ignore[arg-type]
+    """Settings on `cluster` with names of their own, every store kept on 3 replicas."""
+    return settings_for(
+        cluster, root, f"CL_{tag}", ack_wait_s=2.0, **{"stream_replicas": 3, **extra}
     )
-    cluster.serve(Names.of(settings))
-    return settings
 
 
 def start_cluster(root: Path) -> NatsCluster:
@@ -85,36 +72,6 @@ def streams_of(settings: Settings) -> list[str]:
         f"KV_{names.processed_bucket}",
         f"OBJ_{settings.artifacts_bucket}",
     ]
-
-
-def env_for(settings: Settings, urls: list[str], data_dir: Path) -> dict[str, str]:
-    """A subprocess's GROUNDLOOP_* variables: `settings`, preferring the nodes in `urls`' order."""
-    values = {
-        "nats_url": ",".join(urls),
-        "nats_credentials_dir": settings.nats_credentials_dir,
-        "data_dir": data_dir,
-        "db_url": settings.db_url,
-        "subject_prefix": settings.subject_prefix,
-        "stream": settings.stream,
-        "dlq_stream": settings.dlq_stream,
-        "artifacts_bucket": settings.artifacts_bucket,
-        "ack_wait_s": settings.ack_wait_s,
-        "environments_dir": settings.environments_dir,
-        "stream_replicas": settings.stream_replicas,
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUNDLOOP_")}
-    return {**env, **{f"GROUNDLOOP_{k.upper()}": str(v) for k, v in values.items()}}
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("w") as fh:
-        return subprocess.Popen(
-            [sys.executable, *args],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 def connections_on(cluster: NatsCluster, i: int) -> set[str]:
@@ -168,10 +125,17 @@ def of(events: list[ev.Event], cls: type[ev.Event]) -> list:
 async def test_a_search_survives_the_stream_leaders_node_being_killed(tmp_path: Path) -> None:
     began = time.monotonic()
     cluster = start_cluster(tmp_path)
-    processes: list[subprocess.Popen] = []
     settings = cluster_settings(
         cluster, tmp_path, "FAILOVER", environments_dir=slow_synthetic(tmp_path)
     )
+    search_args = ["search", "--env", "synthetic", "--search-id", "failover"]
+    search_args += ["--generations", str(GENERATIONS), "--ideas", str(IDEAS)]
+    search_args += ["--final-seeds", "1", "--no-runner", "--no-ui"]
+    commands = {
+        "runner": ["-m", "groundloop.runner", "--slots", "1"],
+        "cli": ["-m", "groundloop.cli.main", *search_args],
+    }
+    fleet = Fleet(settings, tmp_path / "logs", commands)
     bus = await Bus.connect(settings, "t")  # the operator creates the R3 streams
     try:
         leader = await eventually(
@@ -182,14 +146,20 @@ async def test_a_search_survives_the_stream_leaders_node_being_killed(tmp_path: 
         second, third = [i for i in range(3) if i != doomed]
         urls = cluster.urls
 
-        def runner(runner_id: str, order: list[int]) -> subprocess.Popen:
-            data = tmp_path / f"runner-{runner_id}"
-            env = env_for(settings, [urls[i] for i in order], data)
-            args = ["-m", "groundloop.runner", "--runner-id", runner_id, "--slots", "1"]
-            return spawn(args, env, tmp_path / f"runner-{runner_id}.log")
+        def preferring(order: list[int]) -> str:
+            """The nodes' URLs in the order a client tries them (first: preferred)."""
+            return ",".join(urls[i] for i in order)
 
         # ... and runner a's preferred node; runner b prefers another, the CLI the third
-        processes += [runner("a", [doomed, second, third]), runner("b", [second, third, doomed])]
+        preferences = {"a": [doomed, second, third], "b": [second, third, doomed]}
+        for slot, (runner_id, order) in enumerate(preferences.items()):
+            data = tmp_path / f"runner-{runner_id}"
+            fleet.start(
+                "runner",
+                slot,
+                args=["--runner-id", runner_id],
+                overrides={"nats_url": preferring(order), "data_dir": data},
+            )
         await eventually(
             lambda: (
                 "runner-a" in connections_on(cluster, doomed)
@@ -198,15 +168,10 @@ async def test_a_search_survives_the_stream_leaders_node_being_killed(tmp_path: 
             timeout=30,
             what="runner a connected to the leader's node and runner b to another",
         )
-        search_args = ["search", "--env", "synthetic", "--search-id", "failover"]
-        search_args += ["--generations", str(GENERATIONS), "--ideas", str(IDEAS)]
-        search_args += ["--final-seeds", "1", "--no-runner", "--no-ui"]
-        cli_env = env_for(settings, [urls[i] for i in (third, doomed, second)], settings.data_dir)
-        cli = spawn(["-m", "groundloop.cli.main", *search_args], cli_env, tmp_path / "cli.log")
-        processes.append(cli)
+        cli = fleet.start("cli", overrides={"nats_url": preferring([third, doomed, second])})
 
         async def two_search_runs_completed() -> list[ev.Event] | None:
-            assert cli.poll() is None, (tmp_path / "cli.log").read_text()[-3000:]
+            assert cli.poll() is None, fleet.log_of("cli").read_text()[-3000:]
             try:
                 log = [e async for e in bus.events("failover")]
             except Exception:  # noqa: BLE001 - a read cut short: look again
@@ -245,7 +210,7 @@ async def test_a_search_survives_the_stream_leaders_node_being_killed(tmp_path: 
         )
 
         await eventually(lambda: cli.poll() is not None, timeout=90, what="the search to end")
-        assert cli.returncode == 0, (tmp_path / "cli.log").read_text()[-4000:]
+        assert cli.returncode == 0, fleet.log_of("cli").read_text()[-4000:]
         search_s = time.monotonic() - began
 
         log = [e async for e in bus.events("failover")]
@@ -291,15 +256,7 @@ async def test_a_search_survives_the_stream_leaders_node_being_killed(tmp_path: 
             f"again); restarted node current in {caught_up_s:.2f} s; whole test {search_s:.1f} s"
         )
     finally:
-        for proc in processes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in processes:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        fleet.stop(timeout=15)
         await bus.close()
         cluster.stop()
 

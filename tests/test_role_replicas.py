@@ -17,14 +17,10 @@ projection rebuilt from the log.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,11 +33,11 @@ from groundloop.api.store import create_tables, make_engine
 from groundloop.broker import NatsServer
 from groundloop.bus import Bus
 from groundloop.execution.environment import Environment
-from groundloop.permissions import Names
 from groundloop.settings import Settings
 from tests.evolver_world import World
 from tests.evolver_world import search_started as world_search
 from tests.factories import search_started_in
+from tests.fleet import Fleet, projected_event_ids, settings_for
 from tests.waiting import eventually
 
 pytest.importorskip("trl", reason="the rl-trainer needs trl: pip install ./services/rl-trainer")
@@ -59,93 +55,8 @@ ROLES: dict[str, tuple[list[str], int]] = {
     "projector": (["-m", "groundloop.api", "--no-http"], 2),
     "rl-trainer": (["-m", "groundloop.rl_trainer"], 2),
 }
+COMMANDS = {role: command for role, (command, _) in ROLES.items()}
 KILL_EVERY_S = 1.0
-
-
-def settings_for(nats: NatsServer, root: Path, tag: str) -> Settings:
-    settings = Settings(
-        nats_url=nats.url,
-        nats_credentials_dir=nats.credentials,
-        data_dir=root / "data",
-        db_url=f"sqlite:///{root / 'projections.db'}",
-        subject_prefix=f"rep{tag.lower()}",
-        stream=f"GL_REP_{tag}",
-        dlq_stream=f"GLDLQ_REP_{tag}",
-        artifacts_bucket=f"art_rep_{tag.lower()}",
-        ack_wait_s=2.0,
-    )
-    nats.serve(Names.of(settings))  # the roles' permissions on these names
-    return settings
-
-
-def service_env(settings: Settings) -> dict[str, str]:
-    """The settings as GROUNDLOOP_* variables (each process logs in as its role)."""
-    values = {
-        "nats_url": settings.nats_url,
-        "nats_credentials_dir": settings.nats_credentials_dir,
-        "data_dir": settings.data_dir,
-        "db_url": settings.db_url,
-        "subject_prefix": settings.subject_prefix,
-        "stream": settings.stream,
-        "dlq_stream": settings.dlq_stream,
-        "artifacts_bucket": settings.artifacts_bucket,
-        "ack_wait_s": settings.ack_wait_s,
-        "environments_dir": settings.environments_dir,
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GROUNDLOOP_", "OTEL_"))}
-    return {**env, **{f"GROUNDLOOP_{k.upper()}": str(v) for k, v in values.items()}}
-
-
-@dataclass
-class Fleet:
-    """The role processes of one run: `replicas[role]` of each, restartable by slot."""
-
-    settings: Settings
-    logs: Path
-    replicas: dict[str, int]
-    procs: dict[tuple[str, int], subprocess.Popen] = field(default_factory=dict)
-    starts: int = 0
-
-    def start_all(self) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        for role, count in self.replicas.items():
-            for slot in range(count):
-                self.start(role, slot)
-
-    def start(self, role: str, slot: int) -> None:
-        self.starts += 1
-        args = list(ROLES[role][0])
-        if role == "runner":  # each incarnation a runner of its own
-            args += ["--runner-id", f"runner-{slot}-{self.starts}"]
-        self.procs[role, slot] = subprocess.Popen(
-            [sys.executable, *args],
-            env=service_env(self.settings),
-            stdout=(self.logs / f"{role}-{slot}-{self.starts}.log").open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group: a kill takes the runner's runs with it
-        )
-
-    def kill(self, role: str, slot: int) -> None:
-        proc = self.procs[role, slot]
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def tails(self) -> str:
-        return "\n".join(
-            f"--- {path.name}\n{path.read_text()[-1200:]}" for path in sorted(self.logs.iterdir())
-        )
 
 
 @dataclass
@@ -171,15 +82,18 @@ def started_search(settings: Settings) -> ev.SearchStarted:
     )
 
 
-async def run_search(fleet: Fleet, rng: random.Random | None, timeout: float) -> Outcome:
-    """Publish the search and wait for its SearchCompleted and every generation's policy
-    step (the trainer may publish the last one after the search completed). With `rng`,
-    SIGKILL a replica every KILL_EVERY_S seconds and start it again at once: the roles in
-    turn, each round in a random order, a random replica of the role."""
+async def run_search(
+    fleet: Fleet, replicas: dict[str, int], rng: random.Random | None, timeout: float
+) -> Outcome:
+    """Start `replicas[role]` processes of each role, publish the search and wait for its
+    SearchCompleted and every generation's policy step (the trainer may publish the last one
+    after the search completed). With `rng`, SIGKILL a replica every KILL_EVERY_S seconds and
+    start it again at once: the roles in turn, each round in a random order, a random replica
+    of the role."""
     bus = await Bus.connect(fleet.settings, "t")
     kills: list[tuple[float, str, int]] = []
     try:
-        fleet.start_all()
+        fleet.start_all(replicas)
         t0 = time.monotonic()
         await bus.publish(started_search(fleet.settings))
         next_kill, order = t0 + KILL_EVERY_S, list[str]()
@@ -194,9 +108,9 @@ async def run_search(fleet: Fleet, rng: random.Random | None, timeout: float) ->
             assert now - t0 < timeout, f"no SearchCompleted in {timeout:.0f} s\n{fleet.tails()}"
             if rng is not None and now >= next_kill:
                 if not order:  # every role in turn, in a random order, a random replica
-                    order = rng.sample(sorted(fleet.replicas), len(fleet.replicas))
+                    order = rng.sample(sorted(replicas), len(replicas))
                 role = order.pop()
-                slot = rng.randrange(fleet.replicas[role])
+                slot = rng.randrange(replicas[role])
                 fleet.kill(role, slot)
                 fleet.start(role, slot)
                 kills.append((round(now - t0, 1), role, slot))
@@ -270,15 +184,6 @@ def projection_rows(engine: Engine) -> dict[str, list[str]]:
     return rows
 
 
-async def projected_event_ids(settings: Settings) -> set[str]:
-    engine = make_engine(settings.resolved_db_url())
-    try:
-        with engine.connect() as conn:
-            return {row[0] for row in conn.exec_driver_sql("SELECT event_id FROM processed_events")}
-    finally:
-        engine.dispose()
-
-
 async def rebuilt_projection(settings: Settings, root: Path) -> dict[str, list[str]]:
     bus = await Bus.connect(settings, "t")
     try:
@@ -298,21 +203,22 @@ def test_every_role_as_replicas_killed_at_random_decides_what_one_replica_decide
     nats_server: NatsServer, tmp_path: Path
 ):
     single = Fleet(
-        settings_for(nats_server, tmp_path / "single", "SINGLE"),
+        settings_for(nats_server, tmp_path / "single", "REP_SINGLE", ack_wait_s=2.0),
         tmp_path / "single" / "logs",
-        dict.fromkeys(ROLES, 1),
+        COMMANDS,
     )
     try:
-        alone = asyncio.run(run_search(single, None, timeout=150))
+        alone = asyncio.run(run_search(single, dict.fromkeys(ROLES, 1), None, timeout=150))
     finally:
         single.stop()
     many = Fleet(
-        settings_for(nats_server, tmp_path / "many", "MANY"),
+        settings_for(nats_server, tmp_path / "many", "REP_MANY", ack_wait_s=2.0),
         tmp_path / "many" / "logs",
-        {role: count for role, (_, count) in ROLES.items()},
+        COMMANDS,
     )
+    replicas = {role: count for role, (_, count) in ROLES.items()}
     try:
-        replicated = asyncio.run(run_search(many, random.Random(15), timeout=200))
+        replicated = asyncio.run(run_search(many, replicas, random.Random(15), timeout=200))
         log_ids = {e.event_id for e in replicated.log}
         asyncio.run(
             eventually(
@@ -353,8 +259,8 @@ def test_every_role_as_replicas_killed_at_random_decides_what_one_replica_decide
         live.dispose()
 
 
-async def projected_ids_cover(settings: Settings, ids: set[str]) -> bool:
-    return ids <= await projected_event_ids(settings)
+def projected_ids_cover(settings: Settings, ids: set[str]) -> bool:
+    return ids <= projected_event_ids(settings)
 
 
 def test_projector_writers_racing_on_one_sqlite_file_lose_no_update(tmp_path: Path):

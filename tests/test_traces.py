@@ -11,13 +11,8 @@ processes only in the events' NATS headers.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -25,9 +20,9 @@ from groundloop import events as ev
 from groundloop.broker import NatsServer
 from groundloop.bus import Bus
 from groundloop.execution.environment import Environment
-from groundloop.permissions import Names
 from groundloop.settings import Settings
 from tests.factories import search_started_in
+from tests.fleet import Fleet, settings_for
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.waiting import eventually
 
@@ -56,48 +51,11 @@ IDEA_STEPS = {
 }
 
 
-def service_env(settings: Settings, nats: NatsServer, collector: str) -> dict[str, str]:
-    """The settings as GROUNDLOOP_* variables: the test's broker names, the broker's
-    credentials (each process logs in as its role), and traces to the test's collector."""
-    values = {
-        "nats_url": settings.nats_url,
-        "nats_credentials_dir": nats.credentials,
-        "data_dir": settings.data_dir,
-        "db_url": settings.db_url,
-        "subject_prefix": settings.subject_prefix,
-        "stream": settings.stream,
-        "dlq_stream": settings.dlq_stream,
-        "artifacts_bucket": settings.artifacts_bucket,
-        "environments_dir": settings.environments_dir,
-        "traces": "otlp",
-        "otlp_endpoint": collector,  # the bare address: /v1/traces is added
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GROUNDLOOP_", "OTEL_"))}
-    return {**env, **{f"GROUNDLOOP_{k.upper()}": str(v) for k, v in values.items()}}
-
-
-def start(name: str, env: dict[str, str], logs: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, *SERVICES[name]],
-        env=env,
-        stdout=(logs / f"{name}.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop_all(procs: dict[str, subprocess.Popen], logs: Path) -> None:
+def stop(fleet: Fleet) -> None:
     """SIGTERM (each process exports its last spans as it exits), then wait."""
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for name, proc in procs.items():
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"{name} ignored SIGTERM:\n{(logs / f'{name}.log').read_text()[-3000:]}")
+    ignored = fleet.stop(timeout=30)
+    if ignored:
+        pytest.fail(f"{', '.join(ignored)} ignored SIGTERM:\n{fleet.tails(3000)}")
 
 
 async def search_to_completion(settings: Settings, started: ev.SearchStarted) -> list[ev.Event]:
@@ -137,17 +95,7 @@ def traced(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) ->
     """A search of 2 generations × 2 ideas by the services as separate processes, traced."""
     t0 = time.monotonic()
     root = tmp_path_factory.mktemp("traced")
-    settings = Settings(
-        nats_url=nats_server.url,
-        nats_credentials_dir=nats_server.credentials,
-        data_dir=root / "data",
-        db_url=f"sqlite:///{root / 'projections.db'}",
-        subject_prefix="traced",
-        stream="GL_TRACED",
-        dlq_stream="GLDLQ_TRACED",
-        artifacts_bucket="art_traced",
-    )
-    nats_server.serve(Names.of(settings))
+    settings = settings_for(nats_server, root, "TRACED")
     env = Environment.load("synthetic", settings.environments_dir)
     started = search_started_in(
         env,
@@ -158,19 +106,19 @@ def traced(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) ->
         final_top_k=1,
         final_seeds=1,
     )
-    logs = root / "logs"
-    logs.mkdir()
     with OtlpReceiver() as collector:
-        environ = service_env(settings, nats_server, collector.url)
-        procs = {name: start(name, environ, logs) for name in SERVICES}
+        # Every process exports its spans to the test's collector (the bare address: the
+        # exporter adds /v1/traces).
+        overrides = {"traces": "otlp", "otlp_endpoint": collector.url}
+        fleet = Fleet(settings, root / "logs", SERVICES, overrides)
+        fleet.start_all(dict.fromkeys(SERVICES, 1))
         try:
             log = asyncio.run(search_to_completion(settings, started))
         except BaseException:
-            stop_all(procs, logs)
-            for name in SERVICES:
-                print(f"--- {name}\n{(logs / f'{name}.log').read_text()[-1500:]}")
+            stop(fleet)
+            print(fleet.tails(1500))
             raise
-        stop_all(procs, logs)
+        stop(fleet)
         assert not collector.errors, collector.errors
         spans = collector.spans
     return TracedSearch(log, spans, time.monotonic() - t0)

@@ -126,7 +126,7 @@ class World:
         for out in outputs:
             assert out.producer == "evolver"
             if self.publish(out):
-                self.deps.state(out.search_id).apply(out)
+                self.deps.fold(out)
 
     def run(self, *events: Event, max_events: int = 5000) -> World:
         for event in events:
@@ -248,7 +248,8 @@ class World:
     # -- reading
     @property
     def state(self) -> SearchState:
-        return self.deps.states[SEARCH]
+        """The search as its log says (the evolver drops a state once its search ended)."""
+        return self.deps.states.get(SEARCH) or SearchState.fold(self.log, SEARCH)
 
     def of(self, cls: type[Event]) -> list:
         return [e for e in self.log if isinstance(e, cls)]

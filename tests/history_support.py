@@ -64,7 +64,7 @@ class Recorder:
             self.clock.current += timedelta(seconds=1)
             for out in handle(event, self.deps):
                 if self.publish(out):
-                    self.deps.state(out.search_id).apply(out)
+                    self.deps.fold(out)
             if not is_history(event):  # what consume() does for every role but the folding ones
                 for reaction in self.react(event):
                     self.publish(reaction)

@@ -18,7 +18,7 @@ from groundloop.events import (
 )
 from groundloop.evolver.redecide import redecide
 from groundloop.evolver.state import SearchState
-from tests.evolver_world import World, search_started
+from tests.evolver_world import SEARCH, World, search_started
 
 DEADLINE_S = 3600.0
 
@@ -161,3 +161,14 @@ def test_a_stop_before_generation_zero_ends_the_search_during_the_baseline() -> 
     world.run(started, stop)
     assert not world.generations()
     assert not world.of(SearchCompleted)
+
+
+def test_an_ended_search_leaves_no_state_behind_and_decides_nothing_more() -> None:
+    from groundloop.evolver.service import handle, tick
+
+    world = World().run(search_started(generations=2, ideas_per_generation=2))
+    assert world.completed() is not None
+    assert world.deps.states == {} and world.deps.ended == {SEARCH}
+    late = world.log[-2]  # any event of the search delivered again after its end
+    assert handle(late, world.deps) == [] and tick(world.deps) == []
+    assert world.deps.states == {}  # nothing rebuilt for it

@@ -99,7 +99,7 @@ def redecide(recorded: list[Event], deps: Deps) -> RedecideReport:
         )
     (search_id,) = search_ids
     clock = ReplayClock(recorded[0].occurred_at)
-    fresh = dataclasses.replace(deps, clock=clock, states={})
+    fresh = dataclasses.replace(deps, clock=clock, states={}, ended=set())
     state = fresh.state(search_id)
     redecided: dict[str, Event] = {}
     fed = 0

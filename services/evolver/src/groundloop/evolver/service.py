@@ -83,16 +83,15 @@ CONSUMED_TYPES = tuple(cls for cls in EVENT_TYPES if cls is not PolicyUpdated)
 def handle(event: Event, deps: Deps) -> list[Event]:
     """Fold `event` into its search's state, then decide what follows. Handling an event
     that was already folded decides again on the current state (same ids for the same
-    decisions), which is what makes redelivery harmless."""
-    state = deps.state(event.search_id)
-    state.apply(event)
-    return decide(state, deps, cause=event)
+    decisions), which is what makes redelivery harmless. An ended search decides nothing."""
+    state = deps.fold(event)
+    return [] if state is None else decide(state, deps, cause=event)
 
 
 def tick(deps: Deps) -> list[Event]:
     """Deadline check for every active search (called periodically by the run loop)."""
     outputs: list[Event] = []
-    for state in deps.states.values():
+    for state in list(deps.states.values()):
         outputs.extend(decide(state, deps, cause=None))
     return outputs
 
@@ -141,11 +140,10 @@ class EvolverLoop:
         async for seq, event in self.bus.raw_events():
             await self._fold(event, seq)
             self.folded_to, count = max(self.folded_to, seq), count + 1
-        active = sum(1 for s in self.deps.states.values() if s.started and not s.ended)
         log.info(
-            "evolver: rebuilt %d searches (%d active) from %d events",
-            len(self.deps.states),
-            active,
+            "evolver: rebuilt %d searches (%d ended) from %d events",
+            len(self.deps.states) + len(self.deps.ended),
+            len(self.deps.ended),
             count,
         )
         async with self.lock:
@@ -175,7 +173,7 @@ class EvolverLoop:
     async def _fold(self, event: Event, seq: int) -> None:
         why = self.misfit(event, seq)
         if why is None:
-            self.deps.state(event.search_id).apply(event)
+            self.deps.fold(event)
         else:
             await self._record(event, seq, why)
 
@@ -244,7 +242,7 @@ class EvolverLoop:
             if why is not None:  # every reader will skip it too: fold what they fold
                 log.error("evolver: its own %s does not fit the log: %s", out.event_id, why)
                 continue
-            self.deps.state(out.search_id).apply(out)
+            self.deps.fold(out)
             if result.seq == self.folded_to + 1:  # nothing landed in between: no gap to read
                 self.folded_to = result.seq
 

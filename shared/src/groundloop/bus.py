@@ -25,7 +25,7 @@ import base64
 import contextlib
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +99,7 @@ class Bus(LogReading):
         self._processed: Any = None
         self._closing = {"now": False}  # shared with the disconnect callback: quiet on close
         self._recorded: set[int] = set()  # stream seqs this process already quarantined
+        self._closers: list[Callable[[], Awaitable[None]]] = []  # run by `close`, first
 
     # ------------------------------------------------------------------ connect and ensure
 
@@ -196,8 +197,19 @@ class Bus(LogReading):
         stores = await bus_setup.ensure(self.js, self.settings, self.names, manages=manages)
         self._objects, self._processed = stores.objects, stores.processed
 
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run `closer` when the bus closes, before the connection drains: what reads through
+        the connection (`groundloop.log_follower`) stops and deletes its consumers."""
+        self._closers.append(closer)
+
     async def close(self) -> None:
         self._closing["now"] = True
+        closers, self._closers = self._closers, []
+        for closer in closers:
+            try:
+                await closer()
+            except Exception:  # closing goes on: the connection's drain ends the rest
+                log.exception("closing %r failed", closer)
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()

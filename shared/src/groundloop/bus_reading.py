@@ -1,6 +1,8 @@
-"""Reading the log in bulk: replay in stream order, every entry with the garbage shown, and
-the dead-letter and quarantine streams. Every entry goes through `Bus.read`, the one decoding;
-every temporary consumer is deleted after use (`reader`)."""
+"""Reading the log in bulk: replay in stream order, every entry with the garbage shown, a
+range of one subject's entries, and the dead-letter and quarantine streams. Every entry goes
+through `Bus.read`, the one decoding; every temporary consumer is deleted after use (`reader`).
+A role that needs a search's log per delivered event follows it instead
+(`groundloop.log_follower`), reading each entry once."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from nats.js.errors import NotFoundError
 
 from groundloop.events import Event
 from groundloop.quarantine import Quarantined
+
+LOG_END = 2**63  # "the log as it is": past every stream sequence
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -81,6 +85,29 @@ class LogReading:
                 for msg in msgs:
                     pending = msg.metadata.num_pending
                     yield msg
+
+    async def read_range(
+        self, subject: str, start: int = 1, before: int = LOG_END
+    ) -> list[tuple[int, Event | Quarantined]]:
+        """Entries on `subject` (a filter) from stream sequence `start` up to, not including,
+        `before` (or the log's current end), each read through `read`."""
+        out: list[tuple[int, Event | Quarantined]] = []
+        async with self.reader(subject, start) as sub:
+            pending, empty_fetches = (await sub.consumer_info()).num_pending, 0
+            while pending > 0 and empty_fetches < 5:
+                try:
+                    msgs = await sub.fetch(min(500, pending), timeout=2.0)
+                except (TimeoutError, NatsTimeout):
+                    empty_fetches += 1  # counted as pending, then deleted: do not wait forever
+                    continue
+                for msg in msgs:
+                    pending, seq = msg.metadata.num_pending, msg.metadata.sequence.stream
+                    if seq >= before:
+                        return out
+                    out.append(
+                        (seq, await self.read(msg.subject, msg.data, seq, msg.headers or {}))
+                    )
+        return out
 
     @contextlib.asynccontextmanager
     async def reader(self, subject: str, start: int = 1) -> AsyncIterator[Any]:

@@ -15,11 +15,12 @@ it in the log; the index compares against the facts with a lower stream sequence
 event's own (known on delivery). A lagging reader therefore never rejects a legitimate event,
 and every reader reaches the same verdict on the same entry, whenever it reads it.
 
-`LogIndex` keeps a `SearchIndex` caught up from the bus, per search, up to the sequence it is
-asked about. A refused entry is recorded once in the quarantine stream (like undecodable
-ones, keyed by its stream sequence, with the reason); the role that received it dead-letters
-it (groundloop.consumer), one record per role. Copied history (fork, import) is exempt: a fork
-writes its SearchStarted last, and copies are facts no role acts on.
+`LogIndex` keeps a `SearchIndex` per search caught up from the bus by a follower of the
+search's log (`groundloop.log_follower`), which reads each entry once. A refused entry is
+recorded once in the quarantine stream (like undecodable ones, keyed by its stream sequence,
+with the reason); the role that received it dead-letters it (groundloop.consumer), one record
+per role. Copied history (fork, import) is exempt: a fork writes its SearchStarted last, and
+copies are facts no role acts on.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from nats.js.errors import APIError
 
 from groundloop import events as ev
 from groundloop.bus import WRONG_LAST_SEQUENCE, Bus
+from groundloop.bus_reading import LOG_END
+from groundloop.log_follower import LogFollowers
 from groundloop.producers import (
     ONE_PER_SUBJECT,
     RUN_REQUESTER,
@@ -45,7 +48,7 @@ from groundloop.quarantine import KEPT_BYTES, Quarantined
 
 log = logging.getLogger(__name__)
 
-NOW = 2**63  # "the log as it is": every recorded fact precedes it
+NOW = LOG_END  # "the log as it is": every recorded fact precedes it
 
 Entry = tuple[int, ev.Event | Quarantined]
 
@@ -147,28 +150,39 @@ def fitting_events(events: Iterable[ev.Event]) -> list[ev.Event]:
     return [event for at, event in enumerate(events, 1) if index.observe(event, at) is None]
 
 
-class LogIndex:
-    """A `SearchIndex` read from the bus on demand: per search, only what it has not read."""
+class SearchFold:
+    """One search's log folded in order (a `log_follower.Fold`): its `SearchIndex`, and
+    `fit` called with every event that fits the log before it, the events `fitting_events`
+    keeps. Roles that fold more subclass it and share one follower per search."""
 
-    def __init__(self, bus: Bus):
-        self.bus = bus
+    def __init__(self, search_id: str):
+        self.search_id = search_id
         self.index = SearchIndex()
-        self._read_to: dict[str, int] = {}  # search -> last stream sequence folded
-        self._lock = asyncio.Lock()  # handler slots share one index
+
+    def add(self, seq: int, entry: ev.Event | Quarantined) -> None:
+        if not isinstance(entry, Quarantined) and self.index.observe(entry, seq) is None:
+            self.fit(seq, entry)
+
+    def fit(self, seq: int, event: ev.Event) -> None:
+        """Called with each event that fits, in log order; nothing here."""
+
+
+class LogIndex:
+    """Does an event fit its search's log: a `SearchIndex` per search, kept current by a
+    follower of the search's log (`groundloop.log_follower`), so each entry is read once.
+    `followers` lets a role that folds more of the log (a `SearchFold` subclass) share them."""
+
+    def __init__(self, bus: Bus, followers: LogFollowers[SearchFold] | None = None):
+        self.bus = bus
+        self.followers: LogFollowers[SearchFold] = followers or LogFollowers(bus, SearchFold)
 
     async def refusal(self, event: ev.Event, seq: int) -> str | None:
         """Why the event stored at `seq` does not fit its search's log; the refusal is then
-        already recorded in the quarantine stream (once per entry, whoever finds it)."""
-        sid = event.search_id
-        async with self._lock:
-            read_to = self._read_to.get(sid, 0)
-            if read_to < seq - 1:
-                subject = self.bus.subject_filter(search_id=sid)
-                for at, entry in await read_entries(self.bus, subject, read_to + 1, before=seq):
-                    if not isinstance(entry, Quarantined):
-                        self.index.observe(entry, at)
-                self._read_to[sid] = seq - 1
-            reason = self.index.refusal(event, seq)
+        already recorded in the quarantine stream (once per entry, whoever finds it). The
+        index may hold entries after `seq`: it compares against the facts before it, each
+        kept with the stream sequence that first established it."""
+        fold = await self.followers.through(event.search_id, seq)
+        reason = fold.index.refusal(event, seq)
         if reason is not None:
             await record_refusal(
                 self.bus, seq, self.bus.subject_of(event), ev.encode(event), reason
@@ -178,22 +192,8 @@ class LogIndex:
 
 async def read_entries(bus: Bus, subject: str, start: int = 1, before: int = NOW) -> list[Entry]:
     """Entries on `subject` (a filter) from stream sequence `start` up to, not including,
-    `before` (or the log's current end), each read through `Bus.read`."""
-    out: list[Entry] = []
-    async with bus.reader(subject, start) as sub:
-        pending, empty_fetches = (await sub.consumer_info()).num_pending, 0
-        while pending > 0 and empty_fetches < 5:
-            try:
-                msgs = await sub.fetch(min(500, pending), timeout=2.0)
-            except (TimeoutError, NatsTimeout):
-                empty_fetches += 1  # counted as pending, then deleted: do not wait forever
-                continue
-            for msg in msgs:
-                pending, seq = msg.metadata.num_pending, msg.metadata.sequence.stream
-                if seq >= before:
-                    return out
-                out.append((seq, await bus.read(msg.subject, msg.data, seq, msg.headers or {})))
-    return out
+    `before` (or the log's current end), each read through `Bus.read` (`Bus.read_range`)."""
+    return await bus.read_range(subject, start, before)
 
 
 async def record_refusal(bus: Bus, seq: int, subject: str, body: bytes, reason: str) -> None:

@@ -20,6 +20,8 @@ from sqlmodel import Session, col, select
 from groundloop import events as ev
 from groundloop.api.store import PolicyRow, make_engine
 from groundloop.bus import Bus
+from groundloop.log_follower import LogFollowers
+from groundloop.quarantine import Quarantined
 from groundloop.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,18 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
+class PolicySteps:
+    """The generations of a search's log that give the policy slots (a `log_follower.Fold`):
+    its policy steps, counted as the log is written."""
+
+    def __init__(self, search_id: str):
+        self.search_id, self.steps = search_id, 0
+
+    def add(self, seq: int, entry: ev.Event | Quarantined) -> None:
+        if isinstance(entry, ev.GenerationAdvanced) and entry.plan.rl > 0:
+            self.steps += 1
+
+
 async def policy_steps_settled(
     settings: Settings, search_id: str, stop: asyncio.Event, timeout: float = 120.0
 ) -> None:
@@ -159,17 +173,12 @@ async def policy_steps_settled(
     Gives up (saying so) after `timeout`, or at Ctrl-C; a later `groundloop report` has it."""
     bus = await Bus.connect(settings, "cli")
     engine = make_engine(settings.resolved_db_url())
+    followed = LogFollowers(bus, PolicySteps)  # each poll reads only what is new
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not stop.is_set():
-            steps = len(
-                [
-                    e
-                    async for e in bus.events(search_id)
-                    if isinstance(e, ev.GenerationAdvanced) and e.plan.rl > 0
-                ]
-            )
+            steps = (await followed.to_end(search_id)).steps
             with Session(engine) as session:
                 if len(policy_rows(session, search_id)) >= steps:
                     return

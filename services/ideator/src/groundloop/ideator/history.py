@@ -1,8 +1,8 @@
 """A search's history as the ideator needs it: settings, every idea, and how each one did.
 
 A fold over the search's events (SearchStarted, IdeaProposed, PatchReady, PatchFailed,
-RunCompleted), built from `bus.events(search_id)` by the service and passed to `handle`, so
-tests build one from plain events. Ideas are ranked as on every other surface
+RunCompleted), built by the service from the search's events that fit its log and passed to
+`handle`, so tests build one from plain events. Ideas are ranked as on every other surface
 (groundloop.ranking): by the mean reward of their succeeded search-split runs; final
 re-evaluation runs are not search context. Prompts show the mean score and its run count.
 """

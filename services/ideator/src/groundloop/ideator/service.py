@@ -22,11 +22,12 @@ the slots that have no idea in the log yet.
 For "rl" searches the rl-trainer writes the ideas; the ideator emits nothing.
 
 The search's history (SearchStarted, ideas and their results) is folded from the log by
-`on_generation` and handed to `handle` through IdeatorDeps, so tests need no broker. A search
-whose SearchStarted is not in the log yet is retried (SearchNotStarted); one the ideator can
-never serve (IdeatorError) is stopped (SearchStopped); a provider error worth retrying (rate
-limits, 5xx after the client's own retries) is retried after 30 s, but never once the log
-holds the search's SearchCompleted or SearchStopped.
+`on_generation` (each entry read once, by the process's follower of the search) and handed
+to `handle` through IdeatorDeps, so tests need no broker. A search whose SearchStarted is
+not in the log yet is retried (SearchNotStarted); one the ideator can never serve
+(IdeatorError) is stopped (SearchStopped); a provider error worth retrying (rate limits, 5xx
+after the client's own retries) is retried after 30 s, but never once the log holds the
+search's SearchCompleted or SearchStopped.
 
 `role()` declares the service for groundloop.skeleton; `await run(settings, stop)` serves it.
 Run alone:  python -m groundloop.ideator   (GROUNDLOOP_NATS_URL, model keys in the environment)
@@ -38,7 +39,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from groundloop.bus import Bus, describe
 from groundloop.consumer import Delivery, Reject, Retry
@@ -64,7 +64,8 @@ from groundloop.ideator.llm_proposer import propose_llm
 from groundloop.ideator.llm_proposer import split_usage as split_usage
 from groundloop.llm.client import ClientCache, LLMError, LLMSettings
 from groundloop.llm.pricing import spent_usd
-from groundloop.search_index import fitting_events
+from groundloop.log_follower import LogFollowers
+from groundloop.search_index import SearchFold, fitting_events
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -190,13 +191,25 @@ def _propose_knobs(
 # ---------------------------------------------------------------------------- the service
 
 
-@dataclass(frozen=True)
-class IdeatorContext:
-    """What one ideator process keeps between events; the history is read per event."""
+class FittingLog(SearchFold):
+    """A search's events that fit its log (`fitting_events`), with their stream sequences,
+    in log order: kept current by the process's follower of the search."""
 
-    bus: Bus
-    settings: Settings
-    clients: ClientCache
+    def __init__(self, search_id: str):
+        super().__init__(search_id)
+        self.pairs: list[tuple[int, Event]] = []
+
+    def fit(self, seq: int, event: Event) -> None:
+        self.pairs.append((seq, event))
+
+
+class IdeatorContext:
+    """What one ideator process keeps between events: the searches' logs, followed (each
+    entry read once, not the whole log per generation), and the model clients."""
+
+    def __init__(self, bus: Bus, settings: Settings, clients: ClientCache):
+        self.bus, self.settings, self.clients = bus, settings, clients
+        self.logs = LogFollowers(bus, FittingLog)
 
     def environment(self, name: str) -> Environment:
         return Environment.load(name, self.settings.environments_dir)
@@ -221,9 +234,10 @@ def known_at(event: GenerationAdvanced, seq: int, pairs: list[tuple[int, Event]]
 async def on_generation(event: Event, delivery: Delivery, ctx: IdeatorContext) -> list[Event]:
     if not isinstance(event, GenerationAdvanced):
         return []
-    # Only what fits the log: a forged result must not steer the search's ideas.
-    pairs = [pair async for pair in ctx.bus.raw_events(event.search_id)]
-    everything = fitting_events([e for _, e in pairs])
+    # Only what fits the log: a forged result must not steer the search's ideas. The log as
+    # it is now; a copy, for the follower goes on folding while the ideas are written.
+    pairs = list((await ctx.logs.to_end(event.search_id)).pairs)
+    everything = [e for _, e in pairs]
     ended = next((e for e in everything if isinstance(e, (SearchCompleted, SearchStopped))), None)
     if ended is not None:  # a retried delivery of a search that is over: nothing to write
         log.info("%s: search %s already ended (%s)", describe(event), event.search_id, ended.TYPE)

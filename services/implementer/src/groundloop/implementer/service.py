@@ -80,7 +80,9 @@ from groundloop.implementer.outcomes import search_stopped as search_stopped
 from groundloop.llm.client import ClientCache, LLMError, LLMSettings
 from groundloop.llm.errors import DollarBudgetSpent
 from groundloop.llm.pricing import add_usage, check_dollar_budget, spent_usd
-from groundloop.search_index import LogIndex
+from groundloop.log_follower import LogFollowers
+from groundloop.quarantine import Quarantined
+from groundloop.search_index import LogIndex, SearchFold
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -220,9 +222,31 @@ def _checked(
 # ---------------------------------------------------------------------------- the service
 
 
+class FollowedSearch(SearchFold):
+    """What the implementer reads of a search's log, folded as the log is written: what fits
+    it (for `LogIndex`), its SearchStarted, and what its model calls cost."""
+
+    def __init__(self, search_id: str):
+        super().__init__(search_id)
+        self.started: SearchStarted | None = None  # the first in the log
+        self.spent_usd = 0.0  # `spent_usd` of every event so far, summed in log order
+        self.patch_calls, self.patch_usd = 0, 0.0  # of PatchReady and PatchFailed
+
+    def add(self, seq: int, entry: Event | Quarantined) -> None:
+        super().add(seq, entry)
+        if isinstance(entry, Quarantined):
+            return
+        if isinstance(entry, SearchStarted) and self.started is None:
+            self.started = entry
+        self.spent_usd += spent_usd([entry])
+        if isinstance(entry, PatchReady | PatchFailed):
+            self.patch_calls += entry.usage.calls
+            self.patch_usd += entry.usage.cost_usd
+
+
 class ImplementerContext:
-    """What one implementer process keeps between events: the searches' SearchStarted
-    (read once from the log), the model clients, the scratch folder, and whether pre-flight
+    """What one implementer process keeps between events: the searches' logs, followed
+    (each entry read once), the model clients, the scratch folder, and whether pre-flight
     smoke runs must be fully isolated."""
 
     def __init__(
@@ -236,29 +260,24 @@ class ImplementerContext:
         self.settings, self.bus = settings, bus
         self.require_full_isolation = require_full_isolation
         self.loop = asyncio.get_running_loop()
-        self.searches: dict[str, SearchStarted] = {}
-        self.log_index = LogIndex(bus)  # does the idea fit its search's log?
+        self.logs = LogFollowers(bus, FollowedSearch)
+        self.log_index = LogIndex(bus, self.logs)  # does the idea fit its search's log?
         self.stopped: dict[str, str] = {}  # search id -> why this process stopped it
         self.clients = ClientCache(llm_settings)
         self.work_dir = work_dir or settings.data_dir / "implementer"
 
-    async def find_search(self, search_id: str) -> SearchStarted | None:
-        if search_id not in self.searches:
-            async for event in self.bus.events(search_id):
-                if isinstance(event, SearchStarted):
-                    self.searches[search_id] = event
-                    break
-        return self.searches.get(search_id)
+    async def find_search(self, search_id: str, seq: int) -> SearchStarted | None:
+        """The search's SearchStarted, if the log has one up to stream sequence `seq`."""
+        return (await self.logs.through(search_id, seq)).started
 
     async def spend(self, search_id: str, started: SearchStarted | None) -> tuple[float, float]:
-        """(dollars spent by the search's model calls, mean cost of one implementer call), read
-        from the log; only when the search has a dollar budget (it costs a replay)."""
+        """(dollars spent by the search's model calls, mean cost of one implementer call), from
+        the log as it is now; only when the search has a dollar budget."""
         if started is None or started.config.budgets.dollars is None:
             return 0.0, 0.0
-        logged = [e async for e in self.bus.events(search_id)]
-        patches = [e.usage for e in logged if isinstance(e, (PatchReady, PatchFailed))]
-        calls = sum(u.calls for u in patches)
-        return spent_usd(logged), (sum(u.cost_usd for u in patches) / calls if calls else 0.0)
+        followed = await self.logs.to_end(search_id)
+        calls = followed.patch_calls
+        return followed.spent_usd, (followed.patch_usd / calls if calls else 0.0)
 
     def put_artifact(self, key: str, data: bytes) -> str:  # called from the handler's thread
         future = asyncio.run_coroutine_threadsafe(self.bus.put_artifact(key, data), self.loop)
@@ -273,7 +292,7 @@ async def on_idea(event: Event, delivery: Delivery, ctx: ImplementerContext) -> 
         return []
     if (why := await ctx.log_index.refusal(event, delivery.seq)) is not None:
         raise Reject(f"not implemented: {why}")
-    started = await ctx.find_search(event.search_id)
+    started = await ctx.find_search(event.search_id, delivery.seq)
     stopped = ctx.stopped.get(event.search_id)
     spent, next_call = await ctx.spend(event.search_id, started)
     deps = ImplementerDeps(

@@ -13,11 +13,13 @@ gives the policy slots (`plan.rl`) is one policy step (`state.py` numbers them):
                            once-per-subject guard), so a step is never applied twice
   next GenerationAdvanced → sampled from v(k+1).
 
-The trainer holds nothing the log does not: every event re-folds the search's log
-(`RLState`), the current policy is the last PolicyUpdated's checkpoint (version 0: the
-warmed-up initial policy, stored once), and every output id is a function of the decision
-(step, slot). A trainer killed with SIGKILL mid-update therefore redoes that update from the
-same checkpoint and the same stored samples, and the guard keeps one PolicyUpdated per step.
+The trainer holds nothing the log does not: every event starts from the search's log as it
+is now (`RLState`, folded as the log is written by the process's follower of the search,
+each entry read once), the current policy is the last PolicyUpdated's checkpoint (version 0:
+the warmed-up initial policy, stored once), and every output id is a function of the
+decision (step, slot). A trainer killed with SIGKILL mid-update therefore redoes that update
+from the same checkpoint and the same stored samples, and the guard keeps one PolicyUpdated
+per step.
 
 Why not trl's GRPOTrainer: it calls the reward function synchronously inside its training
 loop, while our rewards arrive minutes later as RunCompleted events from other processes; so
@@ -50,6 +52,7 @@ from groundloop.events import (
 )
 from groundloop.execution.environment import Environment
 from groundloop.guarded_publish import publish_event
+from groundloop.log_follower import LogFollowers
 from groundloop.rl_trainer.checkpoints import initial_key, load_checkpoint
 from groundloop.rl_trainer.policy import Policy, SamplingContext, build_policy
 from groundloop.rl_trainer.state import PRODUCER, RL_STRATEGIES, RLState
@@ -60,7 +63,7 @@ from groundloop.rl_trainer.steps import (
     seed_for,
     train_group,
 )
-from groundloop.search_index import fitting_events
+from groundloop.search_index import SearchFold
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -77,6 +80,16 @@ class TrainerContext:
     settings: Settings
     policies: dict[str, tuple[int, Policy]] = field(default_factory=dict)  # search -> (v, p)
     not_rl: set[str] = field(default_factory=set)  # searches whose strategy uses no policy
+    logs: LogFollowers[FollowedState] = field(init=False)  # each search's log, read once
+
+    def __post_init__(self) -> None:
+        self.logs = LogFollowers(self.bus, FollowedState)
+
+    async def read_state(self, search_id: str) -> RLState:
+        """The search's state from its log as it is now, folding only what fits it
+        (`search_index`): a forged result can neither reward an idea nor complete a group.
+        A copy of the followed fold, which the handler advances with what it publishes."""
+        return (await self.logs.to_end(search_id)).state.copy()
 
     def environment(self, name: str) -> Environment:
         return Environment.load(name, self.settings.environments_dir)
@@ -161,7 +174,7 @@ class TrainerContext:
         source = state.started.rl.warm_start_from
         if not source:
             return []
-        recorded = await read_state(self.bus, source)
+        recorded = await self.read_state(source)
         if recorded.started is None:
             raise PolicyUnavailable(
                 f"--rl-warm-start {source}: no such search in the log (see `groundloop searches`)"
@@ -190,16 +203,23 @@ def example_text(text: str, knobs: dict[str, float | int | str] | None) -> str:
     return " ; ".join(f"{name} = {value}" for name, value in knobs.items())
 
 
-async def read_state(bus: Bus, search_id: str) -> RLState:
-    """The search's state from its log, folding only what fits it (`search_index`): a forged
-    result can neither reward an idea nor complete a group."""
-    return RLState.fold(search_id, fitting_events([e async for e in bus.events(search_id)]))
+class FollowedState(SearchFold):
+    """A search's `RLState` folded from the events that fit its log, as they are written;
+    equal to `RLState.fold` of `fitting_events` of the log read so far."""
+
+    def __init__(self, search_id: str):
+        super().__init__(search_id)
+        self.state = RLState(search_id)
+
+    def fit(self, seq: int, event: Event) -> None:
+        if event.search_id == self.search_id:
+            self.state.apply(event)
 
 
 async def on_event(event: Event, delivery: Delivery, ctx: TrainerContext) -> list[Event]:
     if event.search_id in ctx.not_rl:
         return []
-    state = await read_state(ctx.bus, event.search_id)
+    state = await ctx.read_state(event.search_id)
     if state.started is None:
         return []  # nothing to learn for a search that was never started
     if not state.uses_policy or state.started.rl is None:
@@ -227,7 +247,7 @@ async def advance(state: RLState, ctx: TrainerContext, cause: Event) -> None:
                     "%s: step %d was published by another trainer", describe(cause), group.step
                 )
                 ctx.forget(state.search_id)
-                state = await read_state(ctx.bus, state.search_id)
+                state = await ctx.read_state(state.search_id)
             else:
                 state.apply(update)
             continue

@@ -1,4 +1,4 @@
-"""What the rl-trainer knows about one search: a fold of its log, rebuilt for every event.
+"""What the rl-trainer knows about one search: a fold of its log, current for every event.
 
 The trainer keeps no state of its own that the log does not hold: which generations gave the
 policy slots, which ideas the policy wrote for each (with the policy version that wrote them),
@@ -20,7 +20,7 @@ ideas still without a result then count 0, and a result arriving later changes n
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from groundloop.events import (
     Event,
@@ -94,6 +94,23 @@ class RLState:
             if event.search_id == search_id:
                 state.apply(event)
         return state
+
+    def copy(self) -> RLState:
+        """An independent copy (the events themselves are frozen, so shared): the service
+        advances one with what it publishes while its follower folds the log."""
+        return RLState(
+            self.search_id,
+            self.started,
+            groups={
+                step: replace(group, ideas=dict(group.ideas), rewards=dict(group.rewards))
+                for step, group in self.groups.items()
+            },
+            updates=dict(self.updates),
+            ideas=list(self.ideas),
+            rewards=dict(self.rewards),
+            ended=self.ended,
+            _group_of_generation=dict(self._group_of_generation),
+        )
 
     @property
     def uses_policy(self) -> bool:

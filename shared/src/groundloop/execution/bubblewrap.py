@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from groundloop.execution.cgroup_memory import memory_cgroup_error
@@ -66,6 +66,8 @@ class Wrapped:
     fds: list[int]
     uid: int | None
     user: str = ""  # set when this run's uid differs from the host's default (bwrap_mode)
+    # The argv positions that name `fds`, in order: a launcher renumbers them to its copies.
+    fd_args: list[int] = field(default_factory=list)
 
     def close(self) -> None:
         for fd in self.fds:
@@ -73,6 +75,7 @@ class Wrapped:
                 os.close(fd)
 
 
+@functools.cache  # looked up per run otherwise; bwrap_mode caches what it found anyway
 def bwrap_path() -> str | None:
     return shutil.which("bwrap") or (
         "/usr/bin/bwrap" if os.access("/usr/bin/bwrap", os.X_OK) else None
@@ -139,21 +142,17 @@ def wrap(
     argv += ["--hostname", "groundloop-run", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     argv += ["--tmpfs", "/dev/shm"]  # private shared memory: DataLoader workers, NCCL
     fds: list[int] = []
-    binds: dict[str, str] = {}  # path -> "--bind-fd" | "--ro-bind-fd"
+    fd_args: list[int] = []
+    links, host_paths = _host_binds(network)
+    argv += links
+    binds = dict.fromkeys(host_paths, "--ro-bind-fd")  # path -> "--bind-fd" | "--ro-bind-fd"
 
     def add(path: Path | str, option: str) -> None:
         path = os.path.realpath(path)
         if os.path.exists(path) and binds.get(path) != "--bind-fd":
             binds[path] = option
 
-    for top in _SYSTEM:
-        if os.path.islink(top):
-            argv += ["--symlink", os.readlink(top), top]
-        else:
-            add(top, "--ro-bind-fd")
-    for name in _ETC + (_NETWORK_ETC if network else ()):
-        add(f"/etc/{name}", "--ro-bind-fd")
-    for path in [*interpreter_paths(), *readable]:
+    for path in readable:
         add(path, "--ro-bind-fd")
     if Path(cmd[0]).is_absolute():
         add(Path(cmd[0]).parent, "--ro-bind-fd")
@@ -171,15 +170,21 @@ def wrap(
             )
     try:
         for path in sorted(binds, key=lambda p: (p.count("/"), p)):  # parents first
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if path in host_paths:  # gone since it was resolved: as if it never existed
+                    continue
+                raise
             fds.append(fd)
+            fd_args.append(len(argv) + 1)
             argv += [binds[path], str(fd), path]
     except OSError:
         for fd in fds:
             os.close(fd)
         raise
-    if _gpu_devices():  # CUDA needs its device nodes and reads PCI topology from /sys
-        for dev in _gpu_devices():
+    if gpus := _gpu_devices():  # CUDA needs its device nodes and reads PCI topology from /sys
+        for dev in gpus:
             argv += ["--dev-bind", dev, dev]
         argv += ["--ro-bind", "/sys", "/sys"]
     if mode == "map" and run_uid is not None:
@@ -188,7 +193,27 @@ def wrap(
     # writable mounts and /tmp or fail, never to a scratch root a later step might trust.
     argv += ["--remount-ro", "/"]
     argv += ["--setenv", "TMPDIR", "/tmp", "--chdir", str(os.path.realpath(cwd)), "--", *cmd]
-    return Wrapped(argv, fds, run_uid if mode == "drop" else None, user)
+    return Wrapped(argv, fds, run_uid if mode == "drop" else None, user, fd_args)
+
+
+@functools.cache
+def _host_binds(network: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(bwrap's --symlink arguments, the real paths to mount read-only) for what every run
+    gets: the system directories, a few /etc files, the interpreter. Resolved once per
+    process (a realpath each, per run, was most of `wrap`'s time); one that vanishes later is
+    skipped when it is opened, as it would have been here."""
+    links: list[str] = []
+    paths: dict[str, None] = {}
+    for top in _SYSTEM:
+        if os.path.islink(top):
+            links += ["--symlink", os.readlink(top), top]
+        else:
+            paths[os.path.realpath(top)] = None
+    for name in _ETC + (_NETWORK_ETC if network else ()):
+        paths[os.path.realpath(f"/etc/{name}")] = None
+    for path in interpreter_paths():
+        paths[os.path.realpath(path)] = None
+    return tuple(links), tuple(p for p in paths if os.path.exists(p))
 
 
 def _reachable(path: str, uid: int) -> bool:

@@ -23,6 +23,7 @@ import re
 import uuid
 from pathlib import Path
 
+from groundloop.execution import cgroup_pool
 from groundloop.execution.process_tree import _mount_points, _remove_cgroup
 
 
@@ -82,32 +83,55 @@ def memory_cgroup_error() -> str | None:
     return None if kind else str(where)
 
 
+def memory_parent() -> Path | None:
+    """The directory run memory cgroups go in (None where there is none): swept like the
+    containment cgroups when their owner has died."""
+    kind, where = _memory_parent()
+    return Path(where) if kind else None
+
+
 class MemoryLimit:
-    """One run's memory cgroup: `join_paths()` for the child, `limit_hit()`, `remove()`."""
+    """One run's memory cgroup: `join_paths()` for the child, `limit_hit()`, `remove()`.
+    `name` should be `run-<owner tag>-<token>` (sweepable, `sandbox.sweep_orphaned_runs`).
+    An idle one of this process that had the same limit is reused (`cgroup_pool`)."""
 
     def __init__(self, name: str, limit_bytes: int) -> None:
         self.path: Path | None = None
+        self.limit_bytes = limit_bytes
         self.kind, parent = _memory_parent()
         if self.kind is None:
             self.detail = f"not limited: {parent}"
             return
+        if self.kind == "v2":
+            self.detail = f"resident <= {limit_bytes} bytes (cgroup v2 memory.max)"
+        else:
+            self.detail = f"resident <= {limit_bytes} bytes (cgroup v1 memory.limit_in_bytes)"
+        reused = cgroup_pool.take(Path(parent), limit_bytes)
+        if reused is not None:
+            try:  # written again: a run outside bwrap, as root, could have changed it
+                self._write_limit(reused, limit_bytes)
+                self.path = reused
+                return
+            except OSError:
+                _discard(reused)
         path = Path(parent) / name
         try:
             path.mkdir()
-            if self.kind == "v2":
-                (path / "memory.max").write_text(str(limit_bytes))
-                with contextlib.suppress(OSError):  # swapping out would dodge the limit
-                    (path / "memory.swap.max").write_text("0")
-                self.detail = f"resident <= {limit_bytes} bytes (cgroup v2 memory.max)"
-            else:
-                (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
-                with contextlib.suppress(OSError):  # exists only with swap accounting
-                    (path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
-                self.detail = f"resident <= {limit_bytes} bytes (cgroup v1 memory.limit_in_bytes)"
+            self._write_limit(path, limit_bytes)
             self.path = path
         except OSError as exc:
             _remove_cgroup(path)
             self.detail = f"not limited: cannot make memory cgroup {path}: {exc}"
+
+    def _write_limit(self, path: Path, limit_bytes: int) -> None:
+        if self.kind == "v2":
+            (path / "memory.max").write_text(str(limit_bytes))
+            with contextlib.suppress(OSError):  # swapping out would dodge the limit
+                (path / "memory.swap.max").write_text("0")
+        else:
+            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            with contextlib.suppress(OSError):  # exists only with swap accounting
+                (path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
 
     def join_paths(self) -> list[str]:
         return [str(self.path / "cgroup.procs")] if self.path is not None else []
@@ -125,8 +149,15 @@ class MemoryLimit:
                 return f"memory (resident limit; OOM killer stopped {match.group(1)} process(es))"
         return None
 
-    def remove(self) -> None:
+    def remove(self, reusable: bool = False) -> None:
+        """Remove the cgroup, or keep it for a later run of this process when `reusable`
+        (the run ended clean and hit no limit): reuse spares the reclaim below."""
         if self.path is not None:
-            with contextlib.suppress(OSError):  # v1 keeps charging page cache to an empty group
-                (self.path / "memory.force_empty").write_text("0")
-            _remove_cgroup(self.path)
+            path, self.path = self.path, None
+            cgroup_pool.give_back(path, self.limit_bytes, reusable=reusable, remove=_discard)
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):  # v1 keeps charging page cache to an empty group
+        (path / "memory.force_empty").write_text("0")
+    _remove_cgroup(path)

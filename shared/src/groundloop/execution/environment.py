@@ -39,18 +39,21 @@ from groundloop.execution.run_protocol import (
     Outcome,
     ProtectedFileChanged,
     _command,
-    _digest_of,
-    _file_digest,
-    _tree_files,
     execute,
     provenance,
-    text_digest,
-    tree_digest,
 )
 from groundloop.execution.run_protocol import hardware as hardware
 from groundloop.execution.sandbox import Limits as Limits
 from groundloop.execution.sandbox import ProcessResult as ProcessResult
 from groundloop.execution.sandbox import allowed_environment, run_sandboxed
+from groundloop.execution.tree_digests import (
+    _digest_of,
+    _file_digest,
+    _source_digest,
+    _tree_files,
+    text_digest,
+    tree_digest,
+)
 from groundloop.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 
 __all__ = [
@@ -133,10 +136,10 @@ class Environment:
         return _tree_files(self.root)
 
     def digest(self) -> str:
-        return tree_digest(self.root)
+        return tree_digest(self.root, source=True)
 
     def protected_digest(self) -> str:
-        return _digest_of(self.root, self.protected_files)
+        return _digest_of(self.root, self.protected_files, source=True)
 
     def editable_sources(self) -> dict[str, str]:
         return {
@@ -192,11 +195,15 @@ class Environment:
                 "directory so no earlier run's files leak in"
             )
         workspace.mkdir(parents=True, exist_ok=True)
+        made = {""}  # folders of the copy made so far
         for rel in self.files():
-            source, target = self.root / rel, workspace / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if source.is_symlink():
-                target.symlink_to(os.readlink(source))
+            source, target = os.path.join(self.root, rel), os.path.join(workspace, rel)
+            folder = os.path.dirname(rel)
+            if folder not in made:
+                os.makedirs(os.path.join(workspace, folder), exist_ok=True)
+                made.add(folder)
+            if os.path.islink(source):
+                os.symlink(os.readlink(source), target)
             else:
                 shutil.copy2(source, target)
         changed: list[str] = []
@@ -233,7 +240,7 @@ class Environment:
                 raise ProtectedFileChanged(
                     f"protected file {rel} was deleted or replaced in the workspace"
                 )
-            if _file_digest(copy) != _file_digest(self.root / rel):
+            if _file_digest(copy) != _source_digest(str(self.root / rel)):
                 raise ProtectedFileChanged(f"protected file {rel} was modified in the workspace")
 
     def prepare(self, cache_dir: Path, *, wall_seconds: float = 3600.0) -> None:

@@ -36,6 +36,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from groundloop.execution import cgroup_pool
+
 # One component to operators: its logs keep the name they had before this module was split out.
 log = logging.getLogger("groundloop.execution.sandbox")
 
@@ -49,7 +51,12 @@ def _owner_tag() -> str:
     """`<pid>.<start time>` of this process: names its run cgroups, so a later sweep can tell
     the runs of a dead (SIGKILLed) runner from those of a live one."""
     pid = os.getpid()
-    return f"{pid}.{_start_time(pid)}"
+    if _owner[0] != pid:  # read once per process (a forked child is another owner)
+        _owner[:] = [pid, f"{pid}.{_start_time(pid)}"]
+    return str(_owner[1])
+
+
+_owner: list[int | str] = [0, ""]
 
 
 def _start_time(pid: int) -> str:
@@ -68,6 +75,9 @@ def _kill_cgroup(path: Path) -> None:
             for pid in pids:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+            if not pids and (path / "memory.force_empty").exists():
+                with contextlib.suppress(OSError):  # v1 memory: no dead group left charged
+                    (path / "memory.force_empty").write_text("0")
             try:
                 path.rmdir()
                 return
@@ -165,6 +175,14 @@ def _writable_cgroup(parent: Path, probe_file: str) -> bool:
         _remove_cgroup(probe)
 
 
+def _make_cgroup(path: Path) -> Path | None:
+    try:
+        path.mkdir()
+    except OSError:
+        return None
+    return path
+
+
 def _remove_cgroup(path: Path) -> None:
     for _ in range(50):  # the kernel frees an emptied cgroup asynchronously
         try:
@@ -199,11 +217,12 @@ class _Containment:
         # GROUNDLOOP_SANDBOX_CGROUPS=0: an operator's switch for hosts whose cgroups misbehave.
         use_cgroups = os.environ.get("GROUNDLOOP_SANDBOX_CGROUPS", "1") != "0"
         v2_parent, v1_pids_parent = _cgroup_parents() if use_cgroups else (None, None)
+        self.max_processes = max_processes
         name = f"run-{_owner_tag()}-{run_token}"
-        with contextlib.suppress(OSError):
-            if v2_parent is not None:
-                (v2_parent / name).mkdir()
-                self.cgroup = v2_parent / name
+        if v2_parent is not None:
+            self.cgroup = cgroup_pool.take(v2_parent, max_processes) or _make_cgroup(
+                v2_parent / name
+            )
         if self.cgroup is not None:
             self.isolation["containment"] = f"cgroup2 {self.cgroup}"
         else:
@@ -213,8 +232,10 @@ class _Containment:
             pids_dir = self.cgroup if self.cgroup and (self.cgroup / "pids.max").exists() else None
             with contextlib.suppress(OSError):
                 if pids_dir is None and v1_pids_parent is not None:
-                    (v1_pids_parent / name).mkdir()
-                    pids_dir = self.pids_cgroup = v1_pids_parent / name
+                    self.pids_cgroup = cgroup_pool.take(v1_pids_parent, max_processes)
+                    pids_dir = self.pids_cgroup = self.pids_cgroup or _make_cgroup(
+                        v1_pids_parent / name
+                    )
                 if pids_dir is not None:
                     (pids_dir / "pids.max").write_text(str(max_processes))
                     self.isolation["processes"] = f"pids.max={max_processes} (kernel)"
@@ -225,6 +246,12 @@ class _Containment:
             )
         else:
             self.pids_file = None
+        self.kernel_pid_cap = self.isolation.get("processes", "").endswith("(kernel)")
+        self._kill_file = (
+            self.cgroup / "cgroup.kill"
+            if self.cgroup is not None and (self.cgroup / "cgroup.kill").exists()
+            else None
+        )
 
     def join_paths(self) -> list[str]:
         return [str(d / "cgroup.procs") for d in (self.cgroup, self.pids_cgroup) if d is not None]
@@ -233,7 +260,8 @@ class _Containment:
         """Live processes of the run (zombies excluded)."""
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
-                return {int(p) for p in (self.cgroup / "cgroup.procs").read_text().split()}
+                with open(self.cgroup / "cgroup.procs", "rb") as procs:
+                    return {int(p) for p in procs.read().split()}
         return self._scan(read_environ=False)
 
     def _scan(self, read_environ: bool) -> set[int]:
@@ -277,13 +305,9 @@ class _Containment:
         return {pid for pid in found if table[pid][4] != "Z"}
 
     def signal_all(self, sig: int) -> None:
-        if (
-            sig == signal.SIGKILL
-            and self.cgroup is not None
-            and (self.cgroup / "cgroup.kill").exists()
-        ):
-            with contextlib.suppress(OSError):
-                (self.cgroup / "cgroup.kill").write_text("1")
+        if sig == signal.SIGKILL and self._kill_file is not None:
+            with contextlib.suppress(OSError), open(self._kill_file, "wb", buffering=0) as kill:
+                kill.write(b"1")
         if self.leader is not None:
             with contextlib.suppress(OSError):
                 os.killpg(self.leader, sig)
@@ -293,6 +317,13 @@ class _Containment:
 
     def kill_all(self, deadline: float) -> bool:
         """SIGKILL until nothing of the run is left or `deadline`; True when empty."""
+        if self.cgroup is not None and not self.pids():
+            # An empty run cgroup stays empty (only its members could add one): of the loop
+            # below only the signal to the process group could still reach anything.
+            if self.leader is not None:
+                with contextlib.suppress(OSError):
+                    os.killpg(self.leader, signal.SIGKILL)
+            return True
         while True:
             self.signal_all(signal.SIGKILL)
             self._reap_adopted()
@@ -322,10 +353,14 @@ class _Containment:
                 return f"processes (fork refused {match.group(1)} times)"
         return None
 
-    def remove(self) -> None:
+    def remove(self, reusable: bool = False) -> None:
+        """Remove the run's cgroups, or keep them for a later run of this process
+        (`cgroup_pool`) when `reusable`: the run ended clean, no limit hit."""
         for d in (self.cgroup, self.pids_cgroup):
             if d is not None:
-                _remove_cgroup(d)
+                cgroup_pool.give_back(
+                    d, self.max_processes, reusable=reusable, remove=_remove_cgroup
+                )
 
 
 def _preexec(

@@ -10,8 +10,8 @@ protected `evaluate` step (when the manifest has one) writes GROUNDLOOP_METRICS_
 file outside the workspace → `Environment.outcome` turns that file into an `Outcome`.
 `provenance` records what is needed to reproduce (or distrust) a run's number.
 
-Also here, because the protocol judges by them: the tree digests, `ProtectedFileChanged`,
-`Outcome` and `Execution`. Split from `groundloop.execution.environment` (loading, describing,
+Also here, because the protocol judges by them: `ProtectedFileChanged`, `Outcome` and
+`Execution` (the tree digests are in `groundloop.execution.tree_digests`). Split from `groundloop.execution.environment` (loading, describing,
 materializing and preparing an environment), which imports this module and re-exports all of
 it; this module needs an `Environment` only as the argument it is given, so it never imports
 that one at run time and the two form no import cycle. The underscored helpers imported from
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.machinery
 import importlib.metadata
 import os
@@ -40,13 +39,14 @@ from typing import TYPE_CHECKING, Literal
 
 from groundloop.events import Provenance
 from groundloop.execution.sandbox import Limits, ProcessResult, allowed_environment, run_sandboxed
+from groundloop.execution.tree_digests import _file_digest, _tree_files
+from groundloop.execution.tree_digests import text_digest as text_digest
+from groundloop.execution.tree_digests import tree_digest as tree_digest
 
 if TYPE_CHECKING:
     from groundloop.execution.environment import Environment
 
 LOG_TAIL_CHARS = 2000
-_IGNORED_DIRS = {"__pycache__", ".git", ".pytest_cache"}
-_TOP_LEVEL_IGNORED = {"out"}  # run outputs (checkpoints, logs) are not part of the code
 
 
 class ProtectedFileChanged(RuntimeError):
@@ -69,57 +69,6 @@ class Execution:
     evaluate: ProcessResult | None
     wall_seconds: float
     isolation: dict[str, str]
-
-
-# ------------------------------------------------------------------------------- digests
-
-
-def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _ignored(rel: Path) -> bool:
-    parts = rel.parts
-    return (
-        any(p in _IGNORED_DIRS for p in parts)
-        or rel.suffix == ".pyc"
-        or (len(parts) > 1 and parts[0] in _TOP_LEVEL_IGNORED)
-    )
-
-
-def _tree_files(root: Path) -> list[str]:
-    """Relative posix paths of every file and symlink under `root`, sorted, minus caches."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        for name in filenames + [d for d in dirnames if (here / d).is_symlink()]:
-            rel = (here / name).relative_to(root)
-            if not _ignored(rel):
-                found.append(rel.as_posix())
-        dirnames[:] = [
-            d
-            for d in dirnames
-            if not _ignored((here / d).relative_to(root)) and not (here / d).is_symlink()
-        ]
-    return sorted(found)
-
-
-def _file_digest(path: Path) -> str:
-    if path.is_symlink():  # hash where it points, never what it points to
-        return hashlib.sha256(b"symlink:" + os.readlink(path).encode()).hexdigest()
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _digest_of(root: Path, rels: list[str]) -> str:
-    total = hashlib.sha256()
-    for rel in rels:
-        total.update(rel.encode() + b"\0" + _file_digest(root / rel).encode() + b"\n")
-    return total.hexdigest()
-
-
-def tree_digest(root: Path) -> str:
-    """sha256 over every file's relative path and bytes (caches and top-level out/ ignored)."""
-    return _digest_of(root, _tree_files(root))
 
 
 def _command(command: list[str]) -> list[str]:
@@ -326,6 +275,7 @@ def _version(package: str) -> str | None:
         return None
 
 
+@functools.cache  # /proc/cpuinfo is long on a big host, and read for every run's provenance
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -23,6 +23,12 @@ kept apart so that this module (the public API and the supervising loop) reads i
 What was enforced, each protection not in force ("off: why"), and any limit that was hit
 are recorded in `ProcessResult.isolation`, which the runner copies into the run's
 provenance. Used by groundloop.execution.environment.execute.
+
+Cost to the supervising process: runs are forked by a small launcher process
+(`groundloop.execution.launcher`), never by this one; the supervising thread sleeps in one
+poll() on the run's output, the leader's exit and a `Cancellation`, and wakes for nothing
+else where the kernel caps the processes; a clean run's cgroups serve the next run
+(`groundloop.execution.cgroup_pool`).
 """
 
 from __future__ import annotations
@@ -31,9 +37,7 @@ import contextlib
 import contextvars
 import logging
 import os
-import select
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -44,12 +48,12 @@ from typing import Literal
 
 from groundloop.execution.bubblewrap import (
     IsolationUnavailable,
-    drop_to,
     host_protections,
     isolation_gaps,
     require_full_isolation,
 )
-from groundloop.execution.cgroup_memory import MemoryLimit
+from groundloop.execution.cgroup_memory import MemoryLimit, memory_parent
+from groundloop.execution.launcher import Launch, Spawned, spawn
 from groundloop.execution.process_tree import CLONE_NEWNET as CLONE_NEWNET
 from groundloop.execution.process_tree import MARKER as MARKER
 from groundloop.execution.process_tree import PR_SET_CHILD_SUBREAPER as PR_SET_CHILD_SUBREAPER
@@ -58,21 +62,22 @@ from groundloop.execution.process_tree import (
     _cgroup_parents,
     _Containment,
     _kill_cgroup,
-    _libc,
-    _preexec,
+    _owner_tag,
     _start_time,
     network_isolation_error,
 )
 from groundloop.execution.run_env import RUN_VARIABLES as RUN_VARIABLES
 from groundloop.execution.run_env import allowed_environment as allowed_environment
+from groundloop.execution.run_output import TAIL_BYTES as TAIL_BYTES
+from groundloop.execution.run_output import RunOutput
 from groundloop.execution.sandbox_limits import Limits as Limits
 from groundloop.execution.sandbox_limits import bwrap_wrapping, limit_from_exit, rlimits
 
 log = logging.getLogger(__name__)
 
-TAIL_BYTES = 16_384
-POLL_SECONDS = 0.05
-WATCH_SECONDS = 0.2  # process-cap / containment sweep period
+POLL_SECONDS = 0.05  # only where no fd can tell: no pidfd for the leader; the grace period
+WATCH_SECONDS = 0.2  # process-cap / containment sweep period (when the kernel does neither)
+CANCEL_POLL_SECONDS = 0.1  # a plain threading.Event given to cancel_on cannot wake a run
 # Set by `cancel_on`; read by run_sandboxed (asyncio.to_thread copies it into the worker).
 _CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
     "sandbox_cancel", default=None
@@ -88,11 +93,36 @@ class ProcessResult:
     isolation: dict[str, str] = field(default_factory=dict)
 
 
+class Cancellation(threading.Event):
+    """A threading.Event that wakes the runs watching it (`cancel_on`) the moment it is set:
+    they wait on its eventfd with their output, instead of looking at the flag now and then
+    as they must for a plain Event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fd: int | None = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def fileno(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
+    def set(self) -> None:
+        super().set()
+        if self._fd is not None:
+            os.eventfd_write(self._fd, 1)  # readable from now on: never read back
+
+    def __del__(self) -> None:  # closed with its last user: a run may wait on it until then
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
+            self._fd = None
+
+
 @contextlib.contextmanager
 def cancel_on(event: threading.Event) -> Iterator[None]:
     """Runs started in this context (this thread, or `asyncio.to_thread` from it) are stopped
     when `event` is set, exactly like a timeout (SIGTERM, grace, SIGKILL), with status
-    "killed". A run started after `event` is set is not started at all."""
+    "killed". A run started after `event` is set is not started at all. A `Cancellation`
+    stops them at once; a plain Event within CANCEL_POLL_SECONDS."""
     token = _CANCEL.set(event)
     try:
         yield
@@ -105,18 +135,22 @@ def sweep_orphaned_runs() -> int:
     SIGKILL cannot clean up after itself). Returns how many run cgroups were swept; runs
     of live supervisors are left alone. Cheap; called whenever a run starts."""
     swept = 0
-    for parent in _cgroup_parents():
+    mine = _owner_tag()
+    alive: dict[str, bool] = {}  # owner tag -> its supervisor lives (one /proc read each)
+    for parent in (*_cgroup_parents(), memory_parent()):
         if parent is None:
             continue
         with contextlib.suppress(OSError):
-            for child in parent.iterdir():
+            for child in os.scandir(parent):
                 parts = child.name.split("-")
-                if not (len(parts) == 3 and parts[0] == "run" and child.is_dir()):
+                if not (len(parts) == 3 and parts[0] == "run") or parts[1] == mine:
                     continue
-                pid, _, start = parts[1].partition(".")
-                if pid.isdigit() and _start_time(int(pid)) == start:
+                if parts[1] not in alive:
+                    pid, _, start = parts[1].partition(".")
+                    alive[parts[1]] = pid.isdigit() and _start_time(int(pid)) == start
+                if alive[parts[1]] or not child.is_dir(follow_symlinks=False):
                     continue  # its runner is alive
-                _kill_cgroup(child)
+                _kill_cgroup(Path(child.path))
                 swept += 1
     return swept
 
@@ -157,114 +191,27 @@ def run_sandboxed(
     sweep_orphaned_runs()
     box = _Containment(token, limits.max_processes)
     isolation = box.isolation
-    wrapped = bwrap_wrapping(cmd, cwd, env, writable, readable, network, limits, isolation)
-    net_unshare = None
-    if network:
-        isolation["network"] = "allowed: requested by caller"
-    elif wrapped is not None:
-        isolation["network"] = "none (own namespace, loopback only)"
-    elif (why := network_isolation_error()) is not None:
-        isolation["network"] = f"allowed: {why}"
-    else:
-        net_unshare = _libc().unshare
-    if limits.memory_bytes is not None:
-        isolation["memory"] = f"RLIMIT_AS={limits.memory_bytes}"
-    memory = (
-        MemoryLimit(f"run-{token}", limits.resident_memory_bytes)
-        if limits.resident_memory_bytes is not None
-        else None
-    )
-    if memory is not None:
-        isolation["resident_memory"] = memory.detail
-    elif not isolation["resident_memory"].startswith("off:"):
-        isolation["resident_memory"] = "off: no resident limit asked for (resident_memory_bytes)"
-    tail = bytearray()
-    log_file = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
     started = time.monotonic()
     try:
-        uid = wrapped.uid if wrapped else None
-        proc = subprocess.Popen(
-            wrapped.argv if wrapped else cmd,
-            cwd=cwd,
-            env={**env, MARKER: token, **({"TMPDIR": "/tmp"} if wrapped else {})},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            pass_fds=wrapped.fds if wrapped else (),
-            preexec_fn=_preexec(
-                rlimits(limits),
-                box.join_paths() + (memory.join_paths() if memory else []),
-                net_unshare,
-                (lambda: drop_to(uid)) if uid is not None else None,
-            ),
+        leader, memory, output = _start(
+            cmd, cwd, env, token, limits, box, log_path, network, on_output, writable, readable
         )
     except BaseException:
-        if log_file:
-            log_file.close()
         box.remove()
-        if memory:
-            memory.remove()
         raise
-    finally:
-        if wrapped:
-            wrapped.close()
-    box.leader = proc.pid
-    if net_unshare is not None:
-        with contextlib.suppress(OSError):
-            same = os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net")
-            isolation["network"] = (
-                "allowed: namespace not created" if same else "none (own namespace, loopback only)"
-            )
-        isolation.setdefault("network", "none (own namespace, loopback only)")
-
-    def take(data: bytes) -> None:
-        tail.extend(data)
-        del tail[:-TAIL_BYTES]
-        if log_file:
-            log_file.write(data)
-            log_file.flush()
-        if on_output is not None:
-            try:
-                on_output(data)
-            except Exception:  # a failing log sink must not kill the run
-                log.exception("sandbox: on_output callback failed")
-
-    fd = proc.stdout.fileno()  # type: ignore[union-attr]
-    os.set_blocking(fd, False)
-
-    try:  # readable when the leader exits: no polling delay between exit and cleanup
-        exit_fd: int | None = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
-        exit_fd = None
-    open_output = True
-
-    def pump(timeout: float, until_exit: bool = True) -> None:
-        """Take output for up to `timeout` (less if the leader exits, when `until_exit`)."""
-        nonlocal open_output
-        fds = [fd] if open_output else []
-        if until_exit and exit_fd is not None:
-            fds.append(exit_fd)
-        if not fds:
-            time.sleep(max(timeout, 0))
-            return
-        ready, _, _ = select.select(fds, [], [], max(timeout, 0))
-        if fd in ready and open_output:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            if data:
-                take(data)
-            else:
-                open_output = False
 
     status: Literal["exited", "timed_out", "killed"] = "exited"
     isolation_hit = None
+    reusable = False
     deadline = started + wall_seconds
+    # The kernel caps processes where pids.max is set; else a watcher counts them. Without a
+    # cgroup, regular scans also learn the PPid chain of the run's processes before a
+    # daemonising parent exits and breaks it.
+    watching = box.cgroup is None or (limits.max_processes is not None and not box.kernel_pid_cap)
     next_watch = started + WATCH_SECONDS
+    wake_fd = cancel.fileno() if isinstance(cancel, Cancellation) else None
     try:
-        while proc.poll() is None:
+        while leader.poll() is None:
             now = time.monotonic()
             if now >= deadline:
                 status = "timed_out"
@@ -273,10 +220,16 @@ def run_sandboxed(
                 status = "killed"
                 isolation["cancelled"] = "stopped by its supervisor (cancel_on)"
                 break
-            pump(min(POLL_SECONDS, deadline - now))
-            # Without a cgroup, regular scans also learn the PPid chain of the run's processes
-            # before a daemonising parent exits and breaks it.
-            watching = limits.max_processes is not None or box.cgroup is None
+            # Sleep until output, the leader's exit, a cancel or the next deadline: no polling
+            # but where no fd can say (a plain threading.Event; no pidfd for the leader).
+            wait = deadline - now
+            if watching:
+                wait = min(wait, next_watch - now)
+            if cancel is not None and wake_fd is None:
+                wait = min(wait, CANCEL_POLL_SECONDS)
+            if leader.exit_fd is None:
+                wait = min(wait, POLL_SECONDS)
+            output.wait(wait, leader.exit_fd, wake_fd)
             if watching and time.monotonic() >= next_watch:
                 next_watch = time.monotonic() + WATCH_SECONDS
                 count = len(box.pids())
@@ -288,42 +241,36 @@ def run_sandboxed(
             why = (
                 "cancelled" if "cancelled" in isolation else f"wall budget {wall_seconds:g}s spent"
             )
-            take(f"\n[sandbox] {why}: SIGTERM, then SIGKILL after {grace_seconds:g}s\n".encode())
+            output.take(
+                f"\n[sandbox] {why}: SIGTERM, then SIGKILL after {grace_seconds:g}s\n".encode()
+            )
             box.signal_all(signal.SIGTERM)
             grace_end = time.monotonic() + grace_seconds
             while time.monotonic() < grace_end and box.pids():
-                pump(POLL_SECONDS, until_exit=False)
-                proc.poll()
+                output.wait(min(POLL_SECONDS, grace_end - time.monotonic()), leader.exit_fd)
+                leader.poll()
         all_gone = box.kill_all(time.monotonic() + 10)
         if not all_gone:
             isolation["survivors"] = "some processes survived SIGKILL (see runner log)"
-        proc.wait()
-        drain_end = time.monotonic() + 1.0
-        while open_output and time.monotonic() < drain_end:
-            pump(0.05, until_exit=False)
+        leader.release()
+        output.drain(time.monotonic() + 1.0)
         isolation_hit = box.limit_hit() or (memory.limit_hit() if memory else None)
+        # Clean: this run's cgroups may serve a later one (cgroup_pool), sparing their making.
+        reusable = all_gone and not isolation_hit and "limit_hit" not in isolation
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()  # type: ignore[union-attr]
-        if exit_fd is not None:
-            os.close(exit_fd)
-        if log_file:
-            log_file.close()
-        box.remove()
+        returncode = leader.release()
+        output.close()
+        box.remove(reusable)
         if memory:
-            memory.remove()
-    if status == "exited" and proc.returncode == -signal.SIGKILL:
+            memory.remove(reusable)
+    if status == "exited" and returncode == -signal.SIGKILL:
         status = "killed"  # e.g. the kernel's OOM killer
-    hit = (
-        isolation.get("limit_hit") or isolation_hit or limit_from_exit(proc.returncode, bytes(tail))
-    )
+    tail = bytes(output.tail)
+    hit = isolation.get("limit_hit") or isolation_hit or limit_from_exit(returncode, tail)
     if hit:
         isolation["limit_hit"] = hit
     return ProcessResult(
-        returncode=proc.returncode,
+        returncode=returncode,
         status=status,
         wall_seconds=time.monotonic() - started,
         output_tail=tail.decode("utf-8", errors="replace")[-8000:],
@@ -331,7 +278,83 @@ def run_sandboxed(
     )
 
 
+def _start(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    token: str,
+    limits: Limits,
+    box: _Containment,
+    log_path: Path | None,
+    network: bool,
+    on_output: Callable[[bytes], None] | None,
+    writable: list[Path] | tuple[Path, ...],
+    readable: list[Path] | tuple[Path, ...],
+) -> tuple[Spawned, MemoryLimit | None, RunOutput]:
+    """Wrap, limit and start the run in `box` (protections recorded in `box.isolation`);
+    on any failure, what was made for it here is undone (the caller removes `box`)."""
+    isolation = box.isolation
+    wrapped = bwrap_wrapping(cmd, cwd, env, writable, readable, network, limits, isolation)
+    memory: MemoryLimit | None = None
+    output: RunOutput | None = None
+    write_fd = -1
+    try:
+        unshare_net = False
+        if network:
+            isolation["network"] = "allowed: requested by caller"
+        elif wrapped is not None:
+            isolation["network"] = "none (own namespace, loopback only)"
+        elif (why := network_isolation_error()) is not None:
+            isolation["network"] = f"allowed: {why}"
+        else:
+            unshare_net = True
+        if limits.memory_bytes is not None:
+            isolation["memory"] = f"RLIMIT_AS={limits.memory_bytes}"
+        if limits.resident_memory_bytes is not None:
+            memory = MemoryLimit(f"run-{_owner_tag()}-{token}", limits.resident_memory_bytes)
+            isolation["resident_memory"] = memory.detail
+        elif not isolation["resident_memory"].startswith("off:"):
+            isolation["resident_memory"] = (
+                "off: no resident limit asked for (resident_memory_bytes)"
+            )
+        launch = Launch(
+            argv=[os.fspath(a) for a in (wrapped.argv if wrapped else cmd)],
+            cwd=os.fspath(cwd),
+            env={**env, MARKER: token, **({"TMPDIR": "/tmp"} if wrapped else {})},
+            rlimits=rlimits(limits),
+            join=box.join_paths() + (memory.join_paths() if memory else []),
+            unshare_net=unshare_net,
+            uid=wrapped.uid if wrapped else None,
+            pass_fds=list(wrapped.fds) if wrapped else [],
+            fd_args=list(wrapped.fd_args) if wrapped else [],
+        )
+        output_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        output = RunOutput(output_fd, open(log_path, "ab") if log_path else None, on_output)  # noqa: SIM115
+        leader = spawn(launch, write_fd)
+    except BaseException:
+        if output:
+            output.close()
+        if memory:
+            memory.remove()
+        raise
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)  # the run holds the only write end now: EOF when it is gone
+        if wrapped:
+            wrapped.close()
+    box.leader = leader.pid
+    if unshare_net:
+        with contextlib.suppress(OSError):
+            same = os.readlink(f"/proc/{leader.pid}/ns/net") == os.readlink("/proc/self/ns/net")
+            isolation["network"] = (
+                "allowed: namespace not created" if same else "none (own namespace, loopback only)"
+            )
+        isolation.setdefault("network", "none (own namespace, loopback only)")
+    return leader, memory, output
+
+
 __all__ = [
+    "Cancellation",
     "IsolationUnavailable",
     "Limits",
     "ProcessResult",

@@ -11,7 +11,6 @@ import contextvars
 import functools
 import logging
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from groundloop.execution.environment import (
     execute,
     provenance,
 )
-from groundloop.execution.sandbox import Limits, cancel_on
+from groundloop.execution.sandbox import Cancellation, Limits, cancel_on
 from groundloop.manifest import Resources
 from groundloop.runner.logs import LogStreamer, log_key
 from groundloop.runner.runs import PRODUCER, RunnerDeps, RunSpec, completed
@@ -139,7 +138,7 @@ async def _execute(
     """Run the protocol in a worker thread with heartbeats; on runner shutdown, wait the
     grace period and then stop the run. Returns the execution, the reason it was rejected, or
     None when the run was stopped to be handed back."""
-    cancel = threading.Event()
+    cancel = Cancellation()  # wakes the run at once when set (a plain Event is polled)
     resources = env.manifest.resources
     limits = run_limits(deps.runner, slot, resources)
     extra = {

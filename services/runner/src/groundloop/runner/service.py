@@ -171,8 +171,12 @@ def consumer_name(resource_class: str) -> str:
     return f"runner-{resource_class}"
 
 
-def role(settings: Settings, runner: RunnerSettings) -> Role[ServedRunnerDeps]:
-    """The runner replica `runner` on the bus: one handler slot per run slot."""
+def role(
+    settings: Settings, runner: RunnerSettings, log_index: LogIndex | None = None
+) -> Role[ServedRunnerDeps]:
+    """The runner replica `runner` on the bus: one handler slot per run slot. Replicas that
+    share a process may share `log_index` (its owner keeps it open): one follower of each
+    search's log for all of them instead of one each (benchmarks/runner.py)."""
     if runner.backend != "local":
         raise SystemExit(
             f"backend {runner.backend!r}: container command templates exist "
@@ -209,7 +213,7 @@ def role(settings: Settings, runner: RunnerSettings) -> Role[ServedRunnerDeps]:
                 shutdown=stop,
                 executor=executor,
                 protections=protections,
-                log_index=LogIndex(bus),
+                log_index=log_index or LogIndex(bus),
             )
         finally:
             executor.shutdown(wait=False)
@@ -227,7 +231,10 @@ def role(settings: Settings, runner: RunnerSettings) -> Role[ServedRunnerDeps]:
 
 
 async def run(
-    settings: Settings, runner: RunnerSettings, stop: asyncio.Event | None = None
+    settings: Settings,
+    runner: RunnerSettings,
+    stop: asyncio.Event | None = None,
+    log_index: LogIndex | None = None,
 ) -> None:
     """Serve until `stop` is set (SIGTERM): stop fetching, finish or hand back current runs."""
-    await run_role(role(settings, runner), settings, stop or asyncio.Event())
+    await run_role(role(settings, runner, log_index), settings, stop or asyncio.Event())

@@ -26,8 +26,9 @@ in-process, the progress display, this benchmark's clock and, with --proposer ll
 scripted model server's threads), plus that of each role process of `--role-processes`
 (read from /proc/<pid>/stat at every candidate and every half second, so the last reading
 is taken just before the role exits). Not counted: the sandboxed run and smoke-run
-processes (reported apart, from this process's reaped children, role processes included),
-and the nats-server.
+processes (reported apart: reaped by this process's sandbox launcher, or its reaped
+children, role processes included), and the nats-server. Counted: the sandbox launcher's
+own CPU (groundloop.execution.launcher, the small process that forks the runs).
 
 `--role-processes`: off = every role a task of this process; on = the roles `groundloop
 search --role-processes` moves out (groundloop.cli.embedded_roles.ROLE_PROCESSES); or a
@@ -65,6 +66,7 @@ from groundloop.cli.embedded_roles import (  # noqa: E402
 from groundloop.cli.search_job import default_deadline, run_search  # noqa: E402
 from groundloop.execution.applier import make_diff  # noqa: E402
 from groundloop.execution.environment import Environment  # noqa: E402
+from groundloop.execution.launcher import children_cpu_seconds  # noqa: E402
 from groundloop.llm.client import LLMSettings  # noqa: E402
 from groundloop.search_request import priced_models, search_started_event  # noqa: E402
 from groundloop.settings import Settings  # noqa: E402
@@ -284,6 +286,7 @@ async def bench(args: argparse.Namespace) -> dict:
             watcher = await Bus.connect(live, "bench-clock")
             await clock.start(watcher)
             cpu0, children0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
+            runs0, launcher0 = children_cpu_seconds()
             sampling = asyncio.Event()
             sampler = asyncio.create_task(roles.sample_every(0.5, sampling))
             t0 = time.perf_counter()
@@ -303,8 +306,13 @@ async def bench(args: argparse.Namespace) -> dict:
             wall = time.perf_counter() - t0
             role_cpu = sum(roles.seconds.values())
             cpu = cpu_seconds() - cpu0 + role_cpu
-            # Reaped descendants: the sandboxed runs, and the role processes with theirs.
-            children = cpu_seconds(resource.RUSAGE_CHILDREN) - children0 - role_cpu
+            # Sandboxed runs are children of this process's launcher (reaped there, reported
+            # back); the launcher is orchestration. Role processes' launchers and runs are
+            # counted in their CPU and their reaped children respectively.
+            runs1, launcher1 = children_cpu_seconds()
+            runs, launcher = runs1 - runs0, launcher1 - launcher0
+            cpu += launcher
+            children = cpu_seconds(resource.RUSAGE_CHILDREN) - children0 - role_cpu + runs
             await watcher.close()
     finally:
         if server is not None:
@@ -331,7 +339,9 @@ async def bench(args: argparse.Namespace) -> dict:
         "rate_first": window_rate(times[:WINDOW]),
         "rate_last": window_rate(times[-WINDOW:]),
         "utilisation": busy / (args.slots * span) if span else 0.0,
-        "cpu_per_candidate_s": (clock.cpu_at[-1] - cpu0) / n if n else None,
+        # The launcher's CPU is read at the end, not per candidate: spread evenly.
+        "cpu_per_candidate_s": (clock.cpu_at[-1] - cpu0 + launcher) / n if n else None,
+        "launcher_cpu_s": launcher,
         "cpu_total_s": cpu,
         "role_processes_cpu_s": role_cpu,
         "cpu_s_by_role_process": {roles.modules[p]: round(c, 2) for p, c in roles.seconds.items()},

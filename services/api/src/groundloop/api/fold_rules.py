@@ -23,10 +23,9 @@ def fill(row: Any, **fields: Any) -> None:
             setattr(row, name, value)
 
 
-def assign(row: Any, **fields: Any) -> None:
+def assign(row: Row, **fields: Any) -> None:
     """A column group this event won: overwrite every field."""
-    for name, value in fields.items():
-        setattr(row, name, value)
+    row.set_columns(fields)
 
 
 def dump(model: ev.Record | None) -> Any:

@@ -247,6 +247,7 @@ FOLDS: dict[type[ev.Event], Callable[[Rows, Any, datetime], None]] = {
 }
 
 
-def fold(rows: Rows, event: ev.Event) -> None:
-    """Fold one event into the projections (no transaction handling, no tracking record)."""
-    FOLDS[type(event)](rows, event, as_utc(event.occurred_at))
+def fold(rows: Rows, event: ev.Event, at: datetime | None = None) -> None:
+    """Fold one event into the projections (no transaction handling, no tracking record).
+    `at`: the event's occurred_at as aware UTC, when the caller has it already."""
+    FOLDS[type(event)](rows, event, as_utc(event.occurred_at) if at is None else at)

@@ -39,7 +39,8 @@ class RebuildRefused(RuntimeError):
 class RebuildReport:
     events: int
     applied: int
-    seconds: float
+    seconds: float  # reading and folding the log, without the swap
+    cpu_seconds: float = 0.0  # this process's CPU time in `seconds` (not nats-server's)
 
     @property
     def rate(self) -> float:
@@ -68,7 +69,7 @@ async def rebuild(
         create_tables(target, outdated_ok=True)
         with tempfile.TemporaryDirectory(prefix="groundloop-rebuild-", dir=_scratch_dir(url)) as d:
             path = Path(d) / "rebuilt.db"
-            scratch = make_engine(f"sqlite:///{path}")
+            scratch = make_engine(f"sqlite:///{path}", scratch=True)
             try:
                 create_tables(scratch)
                 report = await _fold(settings, scratch, batch_size, source)
@@ -91,34 +92,44 @@ def _scratch_dir(url: str) -> str | None:
 async def _fold(
     settings: Settings, engine: Engine, batch_size: int, source: Source | None
 ) -> RebuildReport:
-    from groundloop.api.projector import (  # the read side owns the fold
-        bulk_connection,
-        project_batch,
-    )
-
     bus = await Bus.connect(settings, "replay")
-    started = time.perf_counter()
-    seen = applied = 0
-    batch: list = []
+    started, cpu = time.perf_counter(), time.process_time()
     # Nothing here makes reference cycles worth collecting, and the cyclic GC's full passes
     # over a large process were a third of the rebuild time.
     gc.disable()
     try:
-        # One connection for the whole log (one final sync). Folding runs in this thread
-        # between reads: a worker thread would fight the event loop for the GIL.
-        with bulk_connection(engine) as conn:
-            pairs = source(bus) if source else bus.raw_events(batch=batch_size)
-            async for pair in pairs:  # (stream seq, event)
-                batch.append(pair)
-                if len(batch) >= batch_size:
-                    applied += project_batch(conn, batch)
-                    seen, batch = seen + len(batch), []
-            applied += project_batch(conn, batch) if batch else 0
-            seen += len(batch)
+        pairs = source(bus) if source else bus.raw_events(batch=batch_size)
+        seen, applied = await _fold_into(engine, pairs, batch_size)
     finally:
+        # After the fold's rows and indexes are freed (by reference counting, on return
+        # above): re-enabled with them alive, the first collection would walk them all.
         gc.enable()
         await bus.close()
-    return RebuildReport(seen, applied, time.perf_counter() - started)
+    return RebuildReport(seen, applied, time.perf_counter() - started, time.process_time() - cpu)
+
+
+async def _fold_into(
+    engine: Engine, pairs: AsyncIterator[tuple[int, Event]], batch_size: int
+) -> tuple[int, int]:
+    """(events seen, events applied). One connection for the whole log (one final sync).
+    Folding runs in this thread between reads: a worker thread would fight the event loop
+    for the GIL. The scratch file is ours alone until the swap, so the fold keeps rows
+    between batches (LogFold's sole writer)."""
+    from groundloop.api.projector import LogFold, bulk_connection  # the read side owns the fold
+
+    seen = applied = 0
+    batch: list[tuple[int, Event]] = []
+    with bulk_connection(engine) as conn:
+        log_fold = LogFold(conn, sole_writer=True)
+        async for pair in pairs:  # (stream seq, event)
+            batch.append(pair)
+            if len(batch) >= batch_size:
+                applied += log_fold.add(batch)
+                seen, batch = seen + len(batch), []
+        applied += log_fold.add(batch) if batch else 0
+        seen += len(batch)
+        log_fold.finish()
+    return seen, applied
 
 
 def _swap(target: Engine, rebuilt: Path) -> None:

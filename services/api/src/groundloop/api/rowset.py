@@ -1,4 +1,6 @@
-"""Projection rows being folded within one transaction, read and written with SQLAlchemy Core.
+"""Projection rows being folded, read and written with SQLAlchemy Core: within one
+transaction (the live projector, a batch of `project_all`), or across many when the fold is
+the tables' only writer (`replay rebuild`, see projector.LogFold).
 
 The projector folds events into plain `Row` objects (attribute access over a dict of column
 values) and writes them back in one executemany per table and kind when the transaction
@@ -25,15 +27,19 @@ Key = tuple[Any, ...]
 class Row:
     """One row's column values as attributes; setting a column marks the row for writing."""
 
-    # Columns live in the instance __dict__ (so reads are plain attribute reads); the three
-    # bookkeeping fields are slots, outside it.
-    __slots__ = ("_table", "_new", "_dirty", "__dict__")
+    # Columns live in the instance __dict__ (so reads are plain attribute reads); the
+    # bookkeeping fields are slots, outside it. `_queue` is the owning Rows' list of rows to
+    # write: a row joins it once, when it is created or first changed after a flush.
+    __slots__ = ("_table", "_new", "_dirty", "_queue", "__dict__")
 
-    def __init__(self, table: Table, values: dict[str, Any], new: bool):
+    def __init__(self, table: Table, values: dict[str, Any], new: bool, queue: list[Row]):
         self.__dict__.update(values)
         object.__setattr__(self, "_table", table)
         object.__setattr__(self, "_new", new)
         object.__setattr__(self, "_dirty", new)
+        object.__setattr__(self, "_queue", queue)
+        if new:
+            queue.append(self)
 
     @property
     def _values(self) -> dict[str, Any]:
@@ -43,13 +49,27 @@ class Row:
         values = self.__dict__
         if name not in values:
             raise AttributeError(f"{self._table.name} has no column {name!r}")
+        if self._dirty:  # already to be written: no need to compare
+            values[name] = value
+            return
         old = values[name]
         if old != value or type(old) is not type(value):
             values[name] = value
             object.__setattr__(self, "_dirty", True)
+            self._queue.append(self)
 
     def __repr__(self) -> str:
         return f"Row({self._table.name}, {self.__dict__!r})"
+
+    def set_columns(self, fields: dict[str, Any]) -> None:
+        """Set several columns: what setting each does, in one step on a row already to be
+        written (most rows a fold sets many columns of are new)."""
+        values = self.__dict__
+        if self._dirty and fields.keys() <= values.keys():
+            values.update(fields)
+            return
+        for name, value in fields.items():
+            setattr(self, name, value)
 
     if TYPE_CHECKING:
         # Columns are instance attributes set from the table at run time: tell the type
@@ -81,90 +101,159 @@ def _new_values(model: type[SQLModel]) -> dict[str, Any]:
     return values
 
 
-class Rows:
-    """The rows one transaction reads and writes, cached by primary key (misses included, so
-    after `prefetch` a whole batch is folded without one SELECT per event)."""
+_COLUMN_NAMES: dict[str, list[str]] = {}
 
-    def __init__(self, conn: Connection, *, lock: bool = False):
+
+def _column_names(table: Table) -> list[str]:
+    names = _COLUMN_NAMES.get(table.name)
+    if names is None:
+        names = _COLUMN_NAMES[table.name] = [c.name for c in table.columns]
+    return names
+
+
+class Rows:
+    """The rows one fold reads and writes, cached by table and primary key (misses included,
+    so after `prefetch` a whole batch is folded without one SELECT per event). The cache
+    stays valid across flushes and commits for as long as nobody else writes the tables (a
+    rebuild's scratch file); otherwise make a new Rows per transaction."""
+
+    def __init__(
+        self, conn: Connection, *, lock: bool = False, empty: bool = False, known: int = 0
+    ):
         self.conn = conn
         self.lock = lock  # SELECT … FOR UPDATE (PostgreSQL) when several writers may race
-        self._cache: dict[tuple[str, Key], Row | None] = {}
+        self._tables: dict[str, dict[Key, Row | None]] = {}
+        # empty=True: the tables held nothing when this Rows began and only it writes them,
+        # so a key it never wrote is known to be absent without a query. Keys of rows it
+        # has forgotten are kept here (up to `known` of them; past that it asks again).
+        self._forgotten: dict[str, set[Key]] | None = {} if empty else None
+        self._known = known
+        self._queue: list[Row] = []  # new and changed rows, in the order they became so
         self._inserts: dict[str, tuple[Table, list[dict[str, Any]]]] = {}
 
-    @staticmethod
-    def _key_of(table: Table, values: dict[str, Any]) -> Key:
-        return tuple(values[c.name] for c in table.primary_key.columns)
+    def _cache(self, table: Table) -> dict[Key, Row | None]:
+        cache = self._tables.get(table.name)
+        if cache is None:
+            cache = self._tables[table.name] = {}
+        return cache
 
-    def _load(self, table: Table, condition: Any) -> list[Row]:
+    def _load(self, table: Table, condition: Any) -> None:
         query = select(table).where(condition)
         if self.lock:
             query = query.with_for_update()
-        loaded = []
+        cache = self._cache(table)
+        keys = [c.name for c in table.primary_key.columns]
         for mapping in self.conn.execute(query).mappings():
-            fresh = Row(table, dict(mapping), new=False)
+            values = dict(mapping)
+            key = tuple(values[k] for k in keys)
             # A row already cached may hold unwritten changes: it stays the one we fold into.
-            row = self._cache.get((table.name, self._key_of(table, fresh._values))) or fresh
-            self._cache[table.name, self._key_of(table, fresh._values)] = row
-            loaded.append(row)
-        return loaded
+            if cache.get(key) is None:
+                cache[key] = Row(table, values, False, self._queue)
 
     def get(self, model: type[SQLModel], key: Key) -> Row | None:
         table: Table = model.__table__  # type: ignore[attr-defined]
-        if (table.name, key) not in self._cache:
-            columns = table.primary_key.columns
-            self._load(table, and_(*(c == v for c, v in zip(columns, key, strict=True))))
-            self._cache.setdefault((table.name, key), None)
-        return self._cache[table.name, key]
+        cache = self._cache(table)
+        if key not in cache:
+            if self._may_exist(table, key):
+                columns = table.primary_key.columns
+                self._load(table, and_(*(c == v for c, v in zip(columns, key, strict=True))))
+            cache.setdefault(key, None)
+        return cache[key]
+
+    def _may_exist(self, table: Table, key: Key) -> bool:
+        """Could the database hold this key that is not cached? Always, unless `empty`."""
+        forgotten = self._forgotten
+        return forgotten is None or key in forgotten.get(table.name, ())
+
+    @property
+    def knows_every_key(self) -> bool:
+        """Empty at the start, nothing forgotten: every row is cached or known absent, so
+        `get` never asks the database and prefetching is no use."""
+        forgotten = self._forgotten
+        return forgotten is not None and not any(forgotten.values())
+
+    def peek(self, model: type[SQLModel], key: Key) -> Row | None:
+        """The cached row, without reading the database."""
+        return self._tables.get(model.__table__.name, {}).get(key)  # type: ignore[attr-defined]
 
     def get_or_create(self, model: type[SQLModel], key: Key, **fields: Any) -> Row:
-        row = self.get(model, key)
+        table: Table = model.__table__  # type: ignore[attr-defined]
+        cache = self._cache(table)
+        row = cache.get(key)
+        if row is None and key not in cache:
+            row = self.get(model, key)
         if row is None:
-            table: Table = model.__table__  # type: ignore[attr-defined]
             values = _new_values(model)
             values.update(zip((c.name for c in table.primary_key.columns), key, strict=True))
             values.update(fields)
-            row = Row(table, values, new=True)
-            self._cache[table.name, key] = row
+            row = Row(table, values, True, self._queue)
+            cache[key] = row
         return row
 
-    def prefetch(
-        self, model: type[SQLModel], column: str, values: set[Any], keys: Iterable[Key]
-    ) -> None:
-        """Load rows whose `column` is in `values`; remember `keys` that were not found."""
+    def prefetch(self, model: type[SQLModel], keys: Iterable[Key]) -> None:
+        """Load the rows of `keys` not cached yet with a few IN queries on the key's first
+        column (all of a search's generations, say); remember the keys that were not found."""
         table: Table = model.__table__  # type: ignore[attr-defined]
-        ordered = sorted(values, key=str)
-        for start in range(0, len(ordered), 500):
-            self._load(table, table.c[column].in_(ordered[start : start + 500]))
+        cache = self._cache(table)
+        missing = []
         for key in keys:
-            self._cache.setdefault((table.name, key), None)
+            if key not in cache:
+                if self._may_exist(table, key):
+                    missing.append(key)
+                else:
+                    cache[key] = None
+        if not missing:
+            return
+        column = table.primary_key.columns[0]
+        ordered = sorted({key[0] for key in missing}, key=str)
+        for start in range(0, len(ordered), 500):
+            self._load(table, column.in_(ordered[start : start + 500]))
+        for key in missing:
+            cache.setdefault(key, None)
 
-    def cached(self, model: type[SQLModel]) -> list[Row]:
-        name = model.__table__.name  # type: ignore[attr-defined]
-        return [row for (table, _), row in self._cache.items() if table == name and row is not None]
+    def __len__(self) -> int:
+        """Rows cached (found or not)."""
+        return sum(len(cache) for cache in self._tables.values())
 
-    def insert(self, model: type[SQLModel], **values: Any) -> None:
-        """A row that is only ever inserted (e.g. a tracking record), written at flush."""
+    def forget(self) -> None:
+        """Drop the cached rows (after a flush: the database holds every row as cached),
+        keeping their keys when `empty` (so later misses still need no query)."""
+        if self._queue or self._inserts:
+            raise RuntimeError("Rows.forget before flush would lose unwritten rows")
+        forgotten = self._forgotten
+        if forgotten is not None:
+            for name, cache in self._tables.items():
+                forgotten.setdefault(name, set()).update(
+                    key for key, row in cache.items() if row is not None
+                )
+            if sum(len(keys) for keys in forgotten.values()) > self._known:
+                self._forgotten = None  # too many to keep: ask the database from now on
+        self._tables.clear()
+
+    def insert(self, model: type[SQLModel], values: dict[str, Any]) -> None:
+        """A row that is only ever inserted (e.g. a tracking record), written at flush;
+        columns missing from `values` are NULL."""
         table: Table = model.__table__  # type: ignore[attr-defined]
-        row = dict.fromkeys(table.columns.keys())
-        row.update(values)
-        self._inserts.setdefault(table.name, (table, []))[1].append(row)
+        names = _column_names(table)
+        if len(values) < len(names):
+            values = dict.fromkeys(names) | values
+        self._inserts.setdefault(table.name, (table, []))[1].append(values)
 
     def flush(self) -> None:
         """Write every new and changed row: one executemany per table and kind."""
         inserts = {name: (table, list(rows)) for name, (table, rows) in self._inserts.items()}
         updates: dict[str, tuple[Table, list[dict[str, Any]]]] = {}
-        for row in self._cache.values():
-            if row is None or not row._dirty:
-                continue
+        for row in self._queue:
             target = inserts if row._new else updates
             target.setdefault(row._table.name, (row._table, []))[1].append(row._values)
             object.__setattr__(row, "_new", False)
             object.__setattr__(row, "_dirty", False)
+        self._queue.clear()
+        self._inserts.clear()
         for table, rows in inserts.values():
             _executemany(self.conn, table, "insert", rows)
         for table, rows in updates.values():
             _executemany(self.conn, table, "update", rows)
-        self._inserts.clear()
 
 
 # Per dialect and (table, kind): the statement, its SQL text and, per parameter, (bind name,

@@ -8,8 +8,8 @@ groundloop.api.folds, which dispatches here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from groundloop import events as ev
 from groundloop import ranking
@@ -18,11 +18,10 @@ from groundloop.api.rowset import Row, Rows
 from groundloop.api.store import RunRow
 
 
-@dataclass(frozen=True)
-class _RunMark:
+class _RunMark(NamedTuple):
     """What one run contributes to its idea's folded columns: counts over every run, and
     (score, reward) when it is a succeeded search-split run (ranking.RunResult.counts), the
-    only runs an idea's mean and best are of."""
+    only runs an idea's mean and best are of. (A tuple: made twice per run event.)"""
 
     idea_id: str | None = None
     open: bool = False
@@ -33,17 +32,23 @@ class _RunMark:
     @classmethod
     def of(cls, run: Row | None) -> _RunMark:
         if run is None:
-            return cls()
+            return _NO_RUN
         completed = run.completed_event_id is not None
         succeeded = completed and run.status == "succeeded"
-        counted = ranking.RunResult(run.idea_id, run.purpose, run.score, run.reward).counts
+        # Only a succeeded run can count (RunResult.counts): don't build one otherwise.
+        counted = (
+            succeeded and ranking.RunResult(run.idea_id, run.purpose, run.score, run.reward).counts
+        )
         return cls(
             run.idea_id,
             run.started_event_id is not None and not completed,
             completed,
             succeeded,
-            (run.score, run.reward) if succeeded and counted else None,
+            (run.score, run.reward) if counted else None,
         )
+
+
+_NO_RUN = _RunMark()
 
 
 def _fold_run(rows: Rows, e: ev.Event, change: Callable[[Row], None]) -> None:
@@ -65,7 +70,7 @@ def _carry_to_ideas(rows: Rows, run: Row, before: _RunMark, after: _RunMark) -> 
     for mark, sign in ((before, -1), (after, 1)):
         if mark.idea_id is None:
             continue
-        idea = touched.setdefault(
+        idea = touched.get(mark.idea_id) or touched.setdefault(
             mark.idea_id, idea_row(rows, run.search_id, mark.idea_id, run.generation)
         )
         idea.runs_open += sign * mark.open

@@ -284,10 +284,12 @@ PROJECTION_TABLES = [m.__table__ for m in PROJECTION_MODELS]  # type: ignore[att
 SNAPSHOT_EXCLUDED: dict[str, set[str]] = {"processed_events": {"processed_at", "stream_seq"}}
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
+def make_engine(url: str, *, echo: bool = False, scratch: bool = False) -> Engine:
     """An engine for any SQLAlchemy URL. SQLite gets WAL, a busy timeout and
     synchronous=NORMAL (durable across process crashes; a power cut may lose the last
-    transactions, which a rebuild from the log restores)."""
+    transactions, which a rebuild from the log restores). `scratch`: a SQLite file that one
+    connection fills and that is thrown away if that fails (a rebuild's): no journal at all,
+    so each page is written once rather than to the WAL and then to the file."""
     if not url.startswith("sqlite"):
         url = _with_installed_driver(url)
         # psycopg2: batch UPDATEs too (the projector writes rows in executemany batches).
@@ -308,7 +310,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         if not in_memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA journal_mode={'OFF' if scratch else 'WAL'}")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA cache_size=-65536")  # 64 MiB: rebuilds touch index pages at random

@@ -271,3 +271,51 @@ def search_failures(log: list[ev.Event]) -> list[str]:
     if len(of(ev.SearchCompleted)) != 1:
         failures.append(f"{len(of(ev.SearchCompleted))} SearchCompleted")
     return failures
+
+
+def decisions(log: list[ev.Event]) -> dict[str, object]:
+    """What the roles decided, without times, causes and which process or replica decided
+    it: two runs of the same search compare equal here when they decided the same."""
+
+    def of(cls: type[ev.Event]) -> list:
+        return [e for e in log if isinstance(e, cls)]
+
+    [done] = of(ev.SearchCompleted)
+    return {
+        "generations": [
+            (g.generation, g.plan, g.previous, g.best_so_far) for g in of(ev.GenerationAdvanced)
+        ],
+        "ideas": sorted(
+            (i.idea_id, i.generation, i.mode, i.proposer.kind, str(i.knobs), i.text)
+            for i in of(ev.IdeaProposed)
+        ),
+        "runs requested": sorted(
+            (r.run_id, r.purpose, r.seed, str(r.idea_id)) for r in of(ev.RunRequested)
+        ),
+        "results": sorted({(r.run_id, r.status, r.score) for r in of(ev.RunCompleted)}, key=str),
+        "policy steps": sorted(
+            (u.step, u.checkpoint_digest, tuple(u.rewards)) for u in of(ev.PolicyUpdated)
+        ),
+        "completed": (done.best_idea_id, done.best_score, done.reason, done.final),
+    }
+
+
+def log_in_data_dir(data_dir: Path, search_id: str) -> list[ev.Event]:
+    """A finished search's log, read from its data dir's embedded broker (started again)."""
+    import asyncio
+
+    from groundloop.broker import EmbeddedBroker, free_port
+    from groundloop.bus import Bus
+
+    settings = Settings(data_dir=data_dir)
+    with EmbeddedBroker(data_dir, free_port(), names=Names.of(settings)) as broker:
+        live = settings.model_copy(update={"nats_url": broker.url})
+
+        async def read() -> list[ev.Event]:
+            bus = await Bus.connect(live, "t")
+            try:
+                return [e async for e in bus.events(search_id)]
+            finally:
+                await bus.close()
+
+        return asyncio.run(read())

@@ -37,7 +37,7 @@ from groundloop.settings import Settings
 from tests.evolver_world import World
 from tests.evolver_world import search_started as world_search
 from tests.factories import search_started_in
-from tests.fleet import Fleet, projected_event_ids, settings_for
+from tests.fleet import Fleet, decisions, projected_event_ids, settings_for
 from tests.waiting import eventually
 
 pytest.importorskip("trl", reason="the rl-trainer needs trl: pip install ./services/rl-trainer")
@@ -118,32 +118,6 @@ async def run_search(
             await asyncio.sleep(0.25)
     finally:
         await bus.close()
-
-
-def decisions(log: list[ev.Event]) -> dict[str, object]:
-    """What the roles decided, without times, causes and who happened to decide it."""
-
-    def of(cls: type[ev.Event]) -> list:
-        return [e for e in log if isinstance(e, cls)]
-
-    [done] = of(ev.SearchCompleted)
-    return {
-        "generations": [
-            (g.generation, g.plan, g.previous, g.best_so_far) for g in of(ev.GenerationAdvanced)
-        ],
-        "ideas": sorted(
-            (i.idea_id, i.generation, i.mode, i.proposer.kind, str(i.knobs), i.text)
-            for i in of(ev.IdeaProposed)
-        ),
-        "runs requested": sorted(
-            (r.run_id, r.purpose, r.seed, str(r.idea_id)) for r in of(ev.RunRequested)
-        ),
-        "results": sorted({(r.run_id, r.status, r.score) for r in of(ev.RunCompleted)}, key=str),
-        "policy steps": sorted(
-            (u.step, u.checkpoint_digest, tuple(u.rewards)) for u in of(ev.PolicyUpdated)
-        ),
-        "completed": (done.best_idea_id, done.best_score, done.reason, done.final),
-    }
 
 
 def difference(expected: object, got: object) -> str:

@@ -21,11 +21,11 @@ import pytest
 
 from groundloop import events as ev
 from groundloop.broker import EmbeddedBroker, free_port
-from groundloop.bus import Bus
 from groundloop.cli.embedded_roles import ROLE_PROCESSES, SEARCH_ROLES
 from groundloop.execution.environment import Environment
 from groundloop.permissions import Names
 from groundloop.settings import Settings
+from tests.fleet import decisions, log_in_data_dir
 from tests.paths import ENVIRONMENTS
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,45 +136,6 @@ def wait_for_roles(proc: subprocess.Popen, out: Path, logs: Path) -> dict[str, i
     pytest.fail(f"not {len(APART)} serving role processes after 60 s: {role_children(proc.pid)}")
 
 
-def read_log(data_dir: Path, search_id: str) -> list[ev.Event]:
-    """The search's log, from its data dir's embedded broker (started again to read it)."""
-    settings = Settings(data_dir=data_dir)
-    with EmbeddedBroker(data_dir, free_port(), names=Names.of(settings)) as broker:
-        live = settings.model_copy(update={"nats_url": broker.url})
-
-        async def read() -> list[ev.Event]:
-            bus = await Bus.connect(live, "t")
-            try:
-                return [e async for e in bus.events(search_id)]
-            finally:
-                await bus.close()
-
-        return asyncio.run(read())
-
-
-def decisions(log: list[ev.Event]) -> dict[str, object]:
-    """What the roles decided, without times, causes and which process decided it."""
-
-    def of(cls: type[ev.Event]) -> list:
-        return [e for e in log if isinstance(e, cls)]
-
-    [done] = of(ev.SearchCompleted)
-    return {
-        "generations": [
-            (g.generation, g.plan, g.previous, g.best_so_far) for g in of(ev.GenerationAdvanced)
-        ],
-        "ideas": sorted(
-            (i.idea_id, i.generation, i.mode, i.proposer.kind, str(i.knobs), i.text)
-            for i in of(ev.IdeaProposed)
-        ),
-        "runs requested": sorted(
-            (r.run_id, r.purpose, r.seed, str(r.idea_id)) for r in of(ev.RunRequested)
-        ),
-        "results": sorted({(r.run_id, r.status, r.score) for r in of(ev.RunCompleted)}, key=str),
-        "completed": (done.best_idea_id, done.best_score, done.reason, done.final),
-    }
-
-
 SHAPE = ["--generations", "2", "--ideas", "3", "--final-seeds", "1", "--search-id", "rp"]
 
 
@@ -183,7 +144,7 @@ def in_process_decisions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     data = tmp_path_factory.mktemp("in-process") / "data"
     text = run_cli(data, *SEARCH, *SHAPE, "--no-role-processes")
     assert "role processes:" not in text
-    return decisions(read_log(data, "rp"))
+    return decisions(log_in_data_dir(data, "rp"))
 
 
 def test_role_processes_decide_what_the_in_process_roles_decide(
@@ -192,7 +153,7 @@ def test_role_processes_decide_what_the_in_process_roles_decide(
     data = tmp_path / "data"
     text = run_cli(data, *SEARCH, *SHAPE, "--role-processes")
     assert f"role processes: {', '.join(APART)}" in text
-    assert_same_decisions(read_log(data, "rp"), in_process_decisions)
+    assert_same_decisions(log_in_data_dir(data, "rp"), in_process_decisions)
     for role in APART:
         log = data / "searches" / "rp" / f"{role}.log"
         assert "consuming" in log.read_text(), f"{role}.log says nothing"
@@ -238,7 +199,7 @@ def test_every_role_as_a_process_decides_what_the_in_process_roles_decide(
 
     with EmbeddedBroker(settings.data_dir, free_port(), names=Names.of(settings)) as broker:
         asyncio.run(search(settings.model_copy(update={"nats_url": broker.url})))
-    assert_same_decisions(read_log(settings.data_dir, "rp"), in_process_decisions)
+    assert_same_decisions(log_in_data_dir(settings.data_dir, "rp"), in_process_decisions)
     for role in ("projector", "evolver", "ideator", "implementer", "runner"):
         log = settings.data_dir / "searches" / "rp" / f"{role}.log"
         assert "consuming" in log.read_text(), f"{role}.log says nothing"

@@ -5,7 +5,6 @@ anything starts."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -14,10 +13,7 @@ from pathlib import Path
 import pytest
 
 from groundloop import events as ev
-from groundloop.broker import EmbeddedBroker, free_port
-from groundloop.bus import Bus
-from groundloop.permissions import Names
-from groundloop.settings import Settings
+from tests.fleet import log_in_data_dir
 from tests.paths import ENVIRONMENTS
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,18 +38,8 @@ def search(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def search_started(data_dir: Path, search_id: str) -> ev.SearchStarted:
-    settings = Settings(data_dir=data_dir)
-    with EmbeddedBroker(data_dir, free_port(), names=Names.of(settings)) as broker:
-        live = settings.model_copy(update={"nats_url": broker.url})
-
-        async def read() -> list[ev.Event]:
-            bus = await Bus.connect(live, "t")
-            try:
-                return [e async for e in bus.events(search_id)]
-            finally:
-                await bus.close()
-
-        return next(e for e in asyncio.run(read()) if isinstance(e, ev.SearchStarted))
+    log = log_in_data_dir(data_dir, search_id)
+    return next(e for e in log if isinstance(e, ev.SearchStarted))
 
 
 def test_the_schedule_is_recorded_in_search_started(tmp_path: Path):

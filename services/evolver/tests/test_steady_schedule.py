@@ -138,45 +138,33 @@ def test_a_replayed_steady_search_decides_the_same() -> None:
     assert decided == [e.event_id for e in world.log if e.producer == "evolver"]
 
 
-@pytest.mark.parametrize("strategy", ["best_of_n", "rl", "hybrid"])
-def test_steady_is_refused_for_strategies_that_need_whole_generations(strategy: str) -> None:
+def request(strategy: str, schedule: str) -> None:
     from groundloop.execution.environment import Environment
 
-    env = Environment.load("synthetic", ENVIRONMENTS)
+    search_request.search_started_event(
+        "s",
+        Environment.load("synthetic", ENVIRONMENTS),
+        strategy=strategy,
+        generations=2,
+        ideas=2,
+        seed=0,
+        model=None,
+        implementer_model=None,
+        baseline_seeds=1,
+        final_top_k=1,
+        final_seeds=1,
+        budgets=search_started().config.budgets,
+        deadline=None,
+        schedule=schedule,
+    )
+
+
+@pytest.mark.parametrize("strategy", ["best_of_n", "rl", "hybrid"])
+def test_steady_is_refused_for_strategies_that_need_whole_generations(strategy: str) -> None:
     with pytest.raises(ValueError, match="only the evolution strategy"):
-        search_request.search_started_event(
-            "s",
-            env,
-            strategy=strategy,
-            generations=2,
-            ideas=2,
-            seed=0,
-            model=None,
-            implementer_model=None,
-            baseline_seeds=1,
-            final_top_k=1,
-            final_seeds=1,
-            budgets=search_started().config.budgets,
-            deadline=None,
-            schedule="steady",
-        )
+        request(strategy, "steady")
     with pytest.raises(ValueError, match="valid values: generational, steady"):
-        search_request.search_started_event(
-            "s",
-            env,
-            strategy="evolution",
-            generations=2,
-            ideas=2,
-            seed=0,
-            model=None,
-            implementer_model=None,
-            baseline_seeds=1,
-            final_top_k=1,
-            final_seeds=1,
-            budgets=search_started().config.budgets,
-            deadline=None,
-            schedule="asap",
-        )
+        request("evolution", "asap")
 
 
 def test_a_v3_search_started_lifts_to_the_generational_schedule() -> None:

@@ -121,6 +121,22 @@ def idea_proposed(
     )
 
 
+def policy_idea(opened: ev.GenerationAdvanced, slot: int, version: int = 0) -> ev.IdeaProposed:
+    """The rl-trainer's idea in policy slot `slot` of a generation, from policy `version`."""
+    return opened.derive(
+        ev.IdeaProposed,
+        "rl-trainer",
+        slot,
+        idea_id=ev.stable_id(opened.search_id, opened.generation, slot),
+        generation=opened.generation,
+        mode="rl",
+        title=f"policy idea {slot}",
+        text=f"WIDTH = {64 * (slot + 1)}",
+        proposer=ev.ProposerInfo(kind="rl", model="groundloop-knob-lm", policy_version=version),
+        knobs={"WIDTH": 64 * (slot + 1)},
+    )
+
+
 def patch_ready(idea_event: ev.IdeaProposed) -> ev.PatchReady:
     """The implementer's one-line config patch for `idea_event`."""
     return idea_event.derive(

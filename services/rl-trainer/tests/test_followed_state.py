@@ -15,21 +15,6 @@ from tests import factories as f
 SEARCH = "rlf"
 
 
-def policy_idea(opened: ev.GenerationAdvanced, slot: int) -> ev.IdeaProposed:
-    return opened.derive(
-        ev.IdeaProposed,
-        "rl-trainer",
-        slot,
-        idea_id=ev.stable_id(opened.search_id, opened.generation, slot),
-        generation=opened.generation,
-        mode="rl",
-        title=f"policy idea {slot}",
-        text=f"WIDTH = {64 * (slot + 1)}",
-        proposer=ev.ProposerInfo(kind="rl", model="groundloop-knob-lm", policy_version=0),
-        knobs={"WIDTH": 64 * (slot + 1)},
-    )
-
-
 async def whole_log(bus: Bus) -> RLState:
     """The state as the trainer folded it before it followed the log: a whole replay."""
     return RLState.fold(SEARCH, fitting_events([e async for e in bus.events(SEARCH)]))
@@ -39,7 +24,7 @@ async def test_the_followed_state_is_the_fold_of_what_fits_the_whole_log(setting
     bus = await Bus.connect(settings, "t")
     started = f.search_started(SEARCH, strategy="rl", rl=ev.RLSettings())
     g0 = f.generation_advanced(started, 0, ev.GenerationPlan(rl=2))
-    ideas = [policy_idea(g0, slot) for slot in range(2)]
+    ideas = [f.policy_idea(g0, slot) for slot in range(2)]
     patches = [f.patch_ready(idea) for idea in ideas]
     forged = f.run_of_idea(ideas[1], "succeeded", 9.0)  # a run nobody asked for
     for event in [started, g0, *ideas, patches[0], forged, f.run_completed(patches[0], 0.7)]:

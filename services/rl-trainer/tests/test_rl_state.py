@@ -12,21 +12,6 @@ def rl_search(strategy: str = "rl") -> ev.SearchStarted:
     return f.search_started("rl1", strategy=strategy, rl=ev.RLSettings())
 
 
-def policy_idea(opened: ev.GenerationAdvanced, slot: int, version: int) -> ev.IdeaProposed:
-    return opened.derive(
-        ev.IdeaProposed,
-        "rl-trainer",
-        slot,
-        idea_id=ev.stable_id(opened.search_id, opened.generation, slot),
-        generation=opened.generation,
-        mode="rl",
-        title=f"policy idea {slot}",
-        text=f"WIDTH = {64 * (slot + 1)}",
-        proposer=ev.ProposerInfo(kind="rl", model="groundloop-knob-lm", policy_version=version),
-        knobs={"WIDTH": 64 * (slot + 1)},
-    )
-
-
 def update(started: ev.SearchStarted, step: int, generation: int) -> ev.PolicyUpdated:
     return ev.PolicyUpdated(
         search_id=started.search_id,
@@ -43,7 +28,7 @@ def update(started: ev.SearchStarted, step: int, generation: int) -> ev.PolicyUp
 def test_a_group_is_due_for_its_update_once_every_idea_has_a_result_and_failures_count_zero():
     started = rl_search()
     g0 = f.generation_advanced(started, 0, ev.GenerationPlan(rl=3))
-    ideas = [policy_idea(g0, slot, 0) for slot in range(3)]
+    ideas = [f.policy_idea(g0, slot, 0) for slot in range(3)]
     log: list[ev.Event] = [started, g0, *ideas]
     state = RLState.fold("rl1", log)
     assert state.uses_policy and state.version == 0
@@ -72,7 +57,7 @@ def test_a_group_is_due_for_its_update_once_every_idea_has_a_result_and_failures
 def test_a_later_result_of_the_same_idea_changes_nothing():
     started = rl_search()
     g0 = f.generation_advanced(started, 0, ev.GenerationPlan(rl=1))
-    idea = policy_idea(g0, 0, 0)
+    idea = f.policy_idea(g0, 0, 0)
     first = f.run_of_idea(idea, "failed", None)
     second = f.run_of_idea(idea, "succeeded", 0.8)
     group = RLState.fold("rl1", [started, g0, idea, first, second]).due_update()
@@ -82,7 +67,7 @@ def test_a_later_result_of_the_same_idea_changes_nothing():
 def test_a_group_left_behind_by_the_next_generation_trains_with_zeros_for_missing_results():
     started = rl_search()
     g0 = f.generation_advanced(started, 0, ev.GenerationPlan(rl=2))
-    ideas = [policy_idea(g0, slot, 0) for slot in range(2)]
+    ideas = [f.policy_idea(g0, slot, 0) for slot in range(2)]
     done = f.run_of_idea(ideas[0], "succeeded", 0.7)
     g1 = f.generation_advanced(started, 1, ev.GenerationPlan(rl=2))
     state = RLState.fold("rl1", [started, g0, *ideas, done, g1])
@@ -121,9 +106,9 @@ def test_nothing_is_sampled_after_the_search_ended_and_other_strategies_are_igno
 def test_past_trajectories_and_earlier_texts_come_from_earlier_generations_only():
     started = rl_search()
     g0 = f.generation_advanced(started, 0, ev.GenerationPlan(rl=2))
-    ideas = [policy_idea(g0, slot, 0) for slot in range(2)]
+    ideas = [f.policy_idea(g0, slot, 0) for slot in range(2)]
     g1 = f.generation_advanced(started, 1, ev.GenerationPlan(rl=2))
-    late = policy_idea(g1, 0, 1)
+    late = f.policy_idea(g1, 0, 1)
     log = [started, g0, *ideas, f.run_of_idea(ideas[1], "succeeded", 0.6), g1, late]
     state = RLState.fold("rl1", log)
     assert state.earlier_texts(1) == [i.text for i in ideas]

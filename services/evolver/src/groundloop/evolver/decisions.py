@@ -262,11 +262,12 @@ def _earlier_settled(ctx: _Decision, generation: int) -> bool:
     older generation's results behind."""
     if not _steady(ctx):
         return True
-    return all(
-        ctx.state.generation_complete(g) or _deadline_passed(ctx, g)
-        for g in ctx.state.advanced_generations
-        if g < generation
-    )
+    return all(_settled(ctx, g) for g in ctx.state.advanced_generations if g < generation)
+
+
+def _settled(ctx: _Decision, generation: int) -> bool:
+    """Every result of `generation` in, or its deadline passed: nothing more is waited for."""
+    return ctx.state.generation_complete(generation) or _deadline_passed(ctx, generation)
 
 
 def _may_open_early(ctx: _Decision, generation: int) -> bool:
@@ -337,8 +338,7 @@ def _closed_summary(ctx: _Decision, generation: int) -> GenerationSummary | None
         record = ctx.state.generations[g]
         if g >= generation or record.summarised:
             continue
-        settled = ctx.state.generation_complete(g) or _deadline_passed(ctx, g)
-        return ctx.state.summary(g) if settled else None
+        return ctx.state.summary(g) if _settled(ctx, g) else None
     return None
 
 

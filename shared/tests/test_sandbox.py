@@ -24,6 +24,7 @@ from groundloop.execution.sandbox import (
     run_sandboxed,
     sweep_orphaned_runs,
 )
+from tests.runner_support import alive
 from tests.waiting import eventually_sync
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,14 +32,6 @@ pytestmark = pytest.mark.timeout(60)
 WALL, GRACE = 1.0, 0.5
 HAS_CGROUPS = _cgroup_parents()[0] is not None
 HAS_KERNEL_PID_CAP = any(p is not None for p in _cgroup_parents()) and HAS_CGROUPS
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def python(tmp_path: Path, code: str, **kwargs):

@@ -28,6 +28,7 @@ from groundloop.execution.sandbox import (
     run_sandboxed,
     sweep_orphaned_runs,
 )
+from tests.runner_support import alive
 from tests.waiting import eventually_sync
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,14 +38,6 @@ HAS_CGROUPS = _cgroup_parents()[0] is not None
 
 def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def python(tmp_path: Path, code: str, **kwargs):

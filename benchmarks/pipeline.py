@@ -339,6 +339,7 @@ async def bench(args: argparse.Namespace) -> dict:
         "rate_first": window_rate(times[:WINDOW]),
         "rate_last": window_rate(times[-WINDOW:]),
         "utilisation": busy / (args.slots * span) if span else 0.0,
+        "idle_slot_s": idle_slot_seconds(clock, args.slots, span, busy),
         # The launcher's CPU is read at the end, not per candidate: spread evenly.
         "cpu_per_candidate_s": (clock.cpu_at[-1] - cpu0 + launcher) / n if n else None,
         "launcher_cpu_s": launcher,
@@ -354,9 +355,24 @@ async def bench(args: argparse.Namespace) -> dict:
     return result
 
 
+def idle_slot_seconds(clock: Clock, slots: int, span: float, busy: float) -> dict[str, float]:
+    """Where the slots' idle time went, from receipt times: before every slot had started its
+    first run (ramp-up), after the last run started (drain), and between runs (the rest)."""
+    if not clock.started or not clock.completed:
+        return {}
+    first, end = clock.started[0], clock.completed[-1][0]
+    ramp = sum(t - first for t in clock.started[:slots])
+    last_start = clock.started[-1]
+    drain = sum(end - max(t, last_start) for t, _ in clock.completed[-slots:])
+    between = max(slots * span - busy - ramp - drain, 0.0)
+    runs = max(len(clock.completed) - slots, 1)
+    return {"ramp_up": ramp, "drain": drain, "between_runs": between, "per_run": between / runs}
+
+
 def show(r: dict) -> None:
     ratio = r["rate_last"] / r["rate_first"] if r["rate_first"] else 0.0
     first = r["launch_to_first_candidate_s"]
+    idle = r["idle_slot_s"]
     print(
         f"pipeline, proposer {r['proposer']}, role processes {r['role_processes']}, "
         f"schedule {r['schedule']}, {r['candidates']} candidates "
@@ -367,6 +383,9 @@ def show(r: dict) -> None:
         f"  first {WINDOW} -> last {WINDOW}    : {r['rate_first']:.2f} -> {r['rate_last']:.2f}"
         f" ({ratio:.0%}; goal >= 90%)\n"
         f"  slot utilisation          : {r['utilisation']:.1%}  (goal >= 97% with 1-s runs, 8 slots)\n"
+        f"  idle slot-seconds         : ramp-up {idle.get('ramp_up', 0):.1f}, drain "
+        f"{idle.get('drain', 0):.1f}, between runs {idle.get('between_runs', 0):.1f} "
+        f"({1000 * idle.get('per_run', 0):.0f} ms per run)\n"
         f"  orchestration CPU/cand.   : {r['cpu_per_candidate_s']:.4f} s  (goal <= 0.03; this "
         f"process and the role processes; {r['cpu_total_s']:.1f} s in all, "
         f"{r['role_processes_cpu_s']:.1f} s of it in role processes)\n"

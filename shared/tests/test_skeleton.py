@@ -146,3 +146,37 @@ async def test_with_on_exhausted_a_last_retry_is_left_to_the_exhaustion_handler(
     assert [h["Groundloop-Reason"] for h, _ in letters] == [reason]
     assert deps.handled == [("exhaust", 1), ("exhaust", 2)]
     await bus.close()
+
+
+async def test_a_released_delivery_lets_the_consumer_fetch_the_next_before_it_ends(
+    settings: Settings,
+):
+    """Concurrency 1: the second event reaches the handler while the first is still in it
+    only once the first has called `Delivery.release()` (a runner whose slot is free again)."""
+    deps = Deps()
+    finish: dict[str, asyncio.Event] = {"a": asyncio.Event(), "b": asyncio.Event()}
+    release_a = asyncio.Event()
+
+    async def handle(event: ev.Event, delivery: Delivery, d: Deps) -> list[ev.Event]:
+        d.handled.append((event.search_id, delivery.attempt))
+        if event.search_id == "a":
+            await release_a.wait()
+            delivery.release()
+            delivery.release()  # a second call gives nothing more back
+        await finish[event.search_id].wait()
+        return []
+
+    bus = await _publish(settings, search_started("a"), search_started("b"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_role(role_with(deps, handle), settings, stop))
+    await eventually(lambda: deps.handled, timeout=20, what="the first event handled")
+    await asyncio.sleep(1.5)  # more than one fetch timeout: nothing else may be fetched
+    assert deps.handled == [("a", 1)]
+    release_a.set()
+    await eventually(lambda: len(deps.handled) == 2, timeout=20, what="the second event")
+    assert deps.handled == [("a", 1), ("b", 1)]  # while "a" is still being handled
+    finish["b"].set()
+    finish["a"].set()
+    stop.set()
+    await asyncio.wait_for(task, 20)
+    await bus.close()

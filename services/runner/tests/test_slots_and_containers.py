@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from groundloop.runner.containers import ContainerRun, backend_for
-from groundloop.runner.slots import RunnerSettings, plan_slots
+from groundloop.runner.slots import RunnerSettings, Slot, SlotPool, plan_slots
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,6 +33,71 @@ def test_slots_split_gpus_into_disjoint_sets(monkeypatch):
         RunnerSettings(resource_class="gpu8", gpus="0,1", gpus_per_run=8)
     with pytest.raises(ValueError, match="needs GPUs"):
         RunnerSettings(resource_class="gpu1")
+
+
+def test_prefetch_defaults_to_one_run_on_cpu_runners_and_none_on_gpu_runners():
+    assert RunnerSettings(slots=2).prefetch == 1
+    assert RunnerSettings(resource_class="gpu1", gpus="0,1").prefetch == 0
+    assert RunnerSettings(resource_class="gpu1", gpus="0", prefetch=2).prefetch == 2
+    with pytest.raises(ValueError, match="prefetch"):
+        RunnerSettings(prefetch=-1)
+
+
+async def test_slots_go_to_runs_in_the_order_they_queued_not_the_order_they_ask():
+    pool, started = SlotPool([Slot(0)]), []
+
+    async def run(name: str, ready_after: float, hold: float) -> None:
+        async with pool.queue() as turn:
+            await asyncio.sleep(ready_after)  # materialising
+            slot = await turn.slot()
+            assert slot == Slot(0)
+            started.append(name)
+            await asyncio.sleep(hold)
+            turn.give_back()
+            turn.give_back()  # once only: the pool never holds the slot twice
+
+    first = asyncio.create_task(run("first", 0.2, 0.05))
+    await asyncio.sleep(0)  # "first" queues before "second" is created
+    second = asyncio.create_task(run("second", 0.0, 0.0))
+    await asyncio.gather(first, second)
+    assert started == ["first", "second"] and pool.free == 1
+
+
+async def test_a_run_that_leaves_the_line_or_is_cancelled_leaks_no_slot():
+    pool = SlotPool([Slot(0), Slot(1)])
+    async with pool.queue() as turn:
+        pass  # left (a rejected patch) whether or not its slot had come
+    assert pool.free == 2
+    async with pool.queue() as held_a, pool.queue() as held_b:
+        assert {await held_a.slot(), await held_b.slot()} == {Slot(0), Slot(1)}
+        waiter_entered = asyncio.Event()
+
+        async def wait_forever() -> None:
+            async with pool.queue() as turn:
+                waiter_entered.set()
+                await turn.slot()
+
+        waiter = asyncio.create_task(wait_forever())
+        await waiter_entered.wait()
+        waiter.cancel()  # a runner stopping while a run waits for a slot
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    assert pool.free == 2
+    async with pool.queue() as turn:
+        assert await turn.slot() is not None
+
+
+async def test_a_stopping_runner_starts_nothing_even_with_a_slot_free():
+    pool, stop = SlotPool([Slot(0)]), asyncio.Event()
+    async with pool.queue(stop) as holder:
+        assert await holder.slot() == Slot(0)
+        async with pool.queue(stop) as waiting:
+            stop.set()  # SIGTERM while the next run waits
+            assert await waiting.slot() is None
+    assert pool.free == 1
+    async with pool.queue(stop) as late:  # fetched just before the stop
+        assert await late.slot() is None
+    assert pool.free == 1
 
 
 def test_container_commands_isolate_the_run():

@@ -14,6 +14,11 @@ processed → ack. Outcomes decide the acknowledgement:
 A replica that dies mid-handler never acks, so the message is redelivered after ack_wait;
 long handlers keep it by sending in-progress acks (`Delivery.heartbeat`).
 
+`concurrency` bounds the deliveries a replica holds. A handler whose scarce resource is free
+before its work ends (a runner's slot, once the run's process has exited) gives its share back
+with `Delivery.release()`, so the next message is fetched while the rest (log upload,
+publishing, the ack) finishes.
+
 Events copied into a search by `fork` or `import` carry a producer starting with "history:".
 They are facts, not work: only roles that fold state (projector, evolver) pass
 `history=True`; the others ack them without handling, so no copied patch is run again.
@@ -79,6 +84,7 @@ class Delivery:
     ack_wait: float
     msg: Any = field(repr=False, default=None)
     seq: int = 0  # the event's stream sequence: everything it depends on precedes it
+    release: Callable[[], None] = field(repr=False, default=lambda: None)
 
     @property
     def last_attempt(self) -> bool:
@@ -162,11 +168,12 @@ async def consume(
     sub = await bus.js.pull_subscribe_bind(role, stream=bus.settings.stream)
     watcher = await _watch_exhausted(bus, role, on_exhausted)
     in_flight: set[asyncio.Task] = set()
+    shares = _Shares()
     try:
         while not stop.is_set():
-            free = concurrency - len(in_flight)
+            free = concurrency - shares.held
             if free <= 0:
-                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                await shares.wait_for_change()
                 continue
             try:
                 msgs = await sub.fetch(free, timeout=fetch_timeout)
@@ -177,9 +184,13 @@ async def consume(
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                task = asyncio.create_task(_process(bus, role, msg, handler, history, dedupe))
+                release = shares.take()
+                task = asyncio.create_task(
+                    _process(bus, role, msg, handler, history, dedupe, release)
+                )
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
+                task.add_done_callback(lambda _task, release=release: release())
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
     finally:
@@ -190,8 +201,40 @@ async def consume(
             await sub.unsubscribe()
 
 
+class _Shares:
+    """How many deliveries hold a share of the consumer's concurrency; a share is given back
+    once, by `Delivery.release()` or when its task ends, whichever comes first."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._changed = asyncio.Event()
+
+    def take(self) -> Callable[[], None]:
+        self.held += 1
+        given_back = False
+
+        def release() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                self.held -= 1
+                self._changed.set()
+
+        return release
+
+    async def wait_for_change(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
+
+
 async def _process(
-    bus: Bus, role: str, msg: Any, handler: Handler, history: bool, dedupe: bool
+    bus: Bus,
+    role: str,
+    msg: Any,
+    handler: Handler,
+    history: bool,
+    dedupe: bool,
+    release: Callable[[], None],
 ) -> None:
     headers = dict(msg.headers or {})
     meta = msg.metadata
@@ -214,7 +257,9 @@ async def _process(
         log.debug("%s: %s is history or already processed; acking", role, describe(event))
         await msg.ack()
         return
-    delivery = Delivery(event, attempt, bus.settings.max_deliver, bus.settings.ack_wait_s, msg, seq)
+    delivery = Delivery(
+        event, attempt, bus.settings.max_deliver, bus.settings.ack_wait_s, msg, seq, release
+    )
     with telemetry.span_from_headers(
         f"{role} {event.TYPE}",
         headers,

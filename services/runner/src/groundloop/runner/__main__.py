@@ -21,6 +21,7 @@ FLAGS = (
     "gpus-per-run",
     "backend",
     "image",
+    "prefetch",
     "shutdown-grace-s",
     "runner-id",
     "run-uid-base",

@@ -1,7 +1,9 @@
-"""One run in the sandbox: a fresh workspace (environment + patch, strictly applied),
-RunStarted, the protocol executed in a worker thread with the log streamed to the object
-store, and the RunCompleted built from its outcome. On runner shutdown a run that does not
-end within `shutdown_grace_s` is stopped and handed back (Retry) for another replica.
+"""One run in the sandbox: a fresh workspace (environment + patch, strictly applied), then,
+once a slot is free, RunStarted and the protocol executed in a worker thread with the log
+streamed to the object store; the slot is given back when the process ends, before the log's
+last chunk is stored and the RunCompleted built, so the next run starts meanwhile. On runner
+shutdown a run that does not end within `shutdown_grace_s` is stopped and handed back (Retry)
+for another replica; a run still waiting for a slot is handed back at once.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from groundloop.execution.sandbox import Cancellation, Limits, cancel_on
 from groundloop.manifest import Resources
 from groundloop.runner.logs import LogStreamer, log_key
 from groundloop.runner.runs import PRODUCER, RunnerDeps, RunSpec, completed
-from groundloop.runner.slots import RunnerSettings, Slot, run_uid
+from groundloop.runner.slots import RunnerSettings, Slot, Turn, run_uid
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,10 @@ async def run_one(
     spec: RunSpec,
     env: Environment,
     diff: str | None,
-    slot: Slot,
+    turn: Turn,
 ) -> list[Event]:
-    """Run `spec` in `slot` (held by the caller) and return its RunCompleted; raises Retry
-    when the runner shuts down before the run ends."""
+    """Run `spec` in the slot `turn` brings and return its RunCompleted; raises Retry when the
+    runner shuts down before the run ends."""
     base = (
         deps.settings.data_dir
         / "runner"
@@ -68,27 +70,17 @@ async def run_one(
             log.warning("run %s: patch rejected, not run: %s", spec.run_id, exc.reason)
             reason = f"patch rejected: {exc.reason}"
             return [completed(event, spec, "rejected", reason=reason)]
-        started = event.derive(
-            RunStarted,
-            PRODUCER,
-            delivery.attempt,
-            run_id=spec.run_id,
-            patch_id=spec.patch_id,
-            idea_id=spec.idea_id,
-            runner_id=deps.runner.runner_id,
-            host=deps.host,
-            devices=list(slot.devices),
-            seed=spec.seed,
-            attempt=delivery.attempt,
-            isolation=deps.protections.get(slot.index, {}),
-        )
-        await deps.publish(started)
-        log.info(
-            "run %s started (%s, attempt %d, slot %d)",
-            spec.run_id,
-            describe(event),
-            delivery.attempt,
-            slot.index,
+        slot = await turn.slot()
+        if slot is None:
+            raise Retry(
+                f"runner {deps.runner.runner_id} shutting down; run {spec.run_id} handed back "
+                "before it started",
+                delay=0.1,
+            )
+        # The process starts while RunStarted is on its way: the publish is awaited before
+        # the RunCompleted is returned, so the log still has them in that order.
+        announcing = asyncio.ensure_future(
+            deps.publish(_started(event, delivery, deps, spec, slot))
         )
         streamer = LogStreamer(
             deps.put_artifact,
@@ -101,8 +93,14 @@ async def run_one(
             execution = await _execute(
                 delivery, deps, spec, env, workspace, run_dir, slot, streamer
             )
+        except BaseException:
+            await streamer.close()
+            raise
         finally:
-            key = await streamer.close()
+            turn.give_back()
+            await _announced(announcing)
+        delivery.release()  # the slot is free: the next run is fetched while this one ends
+        key = await streamer.close()
         if execution is None:
             raise Retry(
                 f"runner {deps.runner.runner_id} shutting down; run {spec.run_id} handed back",
@@ -117,6 +115,43 @@ async def run_one(
     finally:
         if not deps.runner.keep_workspaces:
             await asyncio.to_thread(shutil.rmtree, base, True)
+
+
+async def _announced(announcing: asyncio.Future) -> None:
+    """Wait for RunStarted to be stored; when a cancelled run ends first, stop waiting."""
+    if not announcing.done():
+        try:
+            await asyncio.shield(announcing)
+        except asyncio.CancelledError:
+            announcing.cancel()
+            raise
+    announcing.result()  # a RunStarted that could not be stored fails the run (retried)
+
+
+def _started(
+    event: Event, delivery: Delivery, deps: RunnerDeps, spec: RunSpec, slot: Slot
+) -> RunStarted:
+    log.info(
+        "run %s started (%s, attempt %d, slot %d)",
+        spec.run_id,
+        describe(event),
+        delivery.attempt,
+        slot.index,
+    )
+    return event.derive(
+        RunStarted,
+        PRODUCER,
+        delivery.attempt,
+        run_id=spec.run_id,
+        patch_id=spec.patch_id,
+        idea_id=spec.idea_id,
+        runner_id=deps.runner.runner_id,
+        host=deps.host,
+        devices=list(slot.devices),
+        seed=spec.seed,
+        attempt=delivery.attempt,
+        isolation=deps.protections.get(slot.index, {}),
+    )
 
 
 def _fresh_workspace(env: Environment, workspace: Path, diff: str | None) -> Materialized:

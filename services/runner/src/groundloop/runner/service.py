@@ -2,7 +2,9 @@
 
 Consumes PatchReady and RunRequested of its resource class from the durable consumer
 `runner-<class>` shared by every replica; emits RunStarted when a run's process starts and
-RunCompleted (succeeded / failed / timed_out / killed / rejected) when it ends. Per run: a
+RunCompleted (succeeded / failed / timed_out / killed / rejected) when it ends. A replica
+holds at most its slots + `prefetch` runs (slots.py): the next run is materialised while it
+waits, and fetched as soon as a slot's process ends. Per run: a
 fresh workspace (environment + patch, strictly applied: a patch escaping the workspace is
 rejected and never runs), protected digests verified, `groundloop.execution.environment.execute`
 in the sandbox with the manifest's budget, the log streamed to the object store, heartbeats
@@ -46,7 +48,7 @@ from groundloop.execution.sandbox import sweep_orphaned_runs
 from groundloop.manifest import ManifestError
 from groundloop.runner.execute import run_one
 from groundloop.runner.runs import PRODUCER, RunnerDeps, RunSpec, completed, run_spec
-from groundloop.runner.slots import RunnerSettings, Slot, SlotPool, plan_slots, run_uid
+from groundloop.runner.slots import RunnerSettings, Slot, SlotPool, Turn, plan_slots, run_uid
 from groundloop.search_index import LogIndex
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
@@ -78,14 +80,20 @@ class ServedRunnerDeps(RunnerDeps):
 
 async def on_delivery(event: Event, delivery: Delivery, deps: ServedRunnerDeps) -> list[Event]:
     """Run the event only if it fits its search's log up to its own stream sequence."""
-    if deps.log_index is not None:
-        why = await deps.log_index.refusal(event, delivery.seq)
-        if why is not None:
-            raise Reject(f"not run: {why}")
-    return await handle(event, delivery, deps)
+    async with deps.slots.queue(deps.shutdown) as turn:  # in line in the order fetched
+        if deps.log_index is not None:
+            why = await deps.log_index.refusal(event, delivery.seq)
+            if why is not None:
+                raise Reject(f"not run: {why}")
+        return await _prepared(event, delivery, deps, turn)
 
 
 async def handle(event: Event, delivery: Delivery, deps: RunnerDeps) -> list[Event]:
+    async with deps.slots.queue(deps.shutdown) as turn:
+        return await _prepared(event, delivery, deps, turn)
+
+
+async def _prepared(event: Event, delivery: Delivery, deps: RunnerDeps, turn: Turn) -> list[Event]:
     spec = run_spec(event)
     try:
         env, digest = await _environment(spec, deps)
@@ -110,9 +118,10 @@ async def handle(event: Event, delivery: Delivery, deps: RunnerDeps) -> list[Eve
             return _unrunnable(
                 event, spec, delivery, f"cannot read the diff {spec.diff_key}: {exc!r}"
             )
-    # Heartbeats cover everything, materialising and the environment's `prepare` included.
-    async with deps.slots.slot() as slot, delivery.heartbeat():
-        return await run_one(event, delivery, deps, spec, env, diff, slot)
+    # Heartbeats cover everything: materialising, waiting for a slot, the environment's
+    # `prepare`, the run, storing its log.
+    async with delivery.heartbeat():
+        return await run_one(event, delivery, deps, spec, env, diff, turn)
 
 
 def _unrunnable(event: Event, spec: RunSpec, delivery: Delivery, reason: str) -> list[Event]:
@@ -225,7 +234,7 @@ def role(
         deps=context,
         handle=on_delivery,
         connection=f"runner-{runner.runner_id}",
-        concurrency=len(slots),
+        concurrency=len(slots) + (runner.prefetch or 0),
         on_exhausted=exhausted_handler(settings.max_deliver),
     )
 

@@ -1,7 +1,10 @@
 """Runner settings and slots: how many runs one replica holds at once, and on which devices.
 
 A slot is a set of GPUs (given to the run as CUDA_VISIBLE_DEVICES) or, on a CPU runner, one
-of N CPU slots. The replica's consumer fetches only while a slot is free (concurrency = slots).
+of N CPU slots. The replica's consumer holds at most slots + `prefetch` runs: a prefetched run
+is checked and materialised while it waits, so a slot starts its next run as soon as one ends,
+and a run's slot is given back when its process ends (its log upload and RunCompleted follow
+while the next run is fetched).
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ class RunnerSettings(BaseSettings):
     )
     image: str | None = Field(
         default=None, description="container image, for the container backends"
+    )
+    prefetch: int | None = Field(
+        default=None,
+        ge=0,
+        description="runs held beyond the slots, materialised and waiting for one to free (default: 1 on CPU runners, whose runs are short; 0 on GPU runners, where a held run could wait a whole run behind a busy slot while another replica idles)",
     )
     shutdown_grace_s: float = Field(
         default=30.0,
@@ -107,6 +115,8 @@ class RunnerSettings(BaseSettings):
                 f"--gpus lists {len(self.gpus)} device(s) but --gpus-per-run is {self.gpus_per_run}; "
                 "list more devices or lower --gpus-per-run"
             )
+        if self.prefetch is None:
+            self.prefetch = 1 if self.resource_class == "cpu" else 0
         if self.resource_class != "cpu" and not self.gpus:
             raise ValueError(
                 f"resource class {self.resource_class} needs GPUs: pass --gpus 0,1,... "
@@ -142,7 +152,15 @@ def plan_slots(runner: RunnerSettings) -> list[Slot]:
 
 
 class SlotPool:
-    """Hands out free slots; `async with pool.slot() as s` waits for one."""
+    """Hands out free slots in the order runs queued for them, so runs start in the order they
+    were fetched whichever is materialised first::
+
+        async with pool.queue(stop) as turn:  # takes this run's place in line
+            ...                               # check and materialise meanwhile
+            slot = await turn.slot()          # None when `stop` is set first
+            ...
+            turn.give_back()                  # or when the block ends
+    """
 
     def __init__(self, slots: list[Slot]) -> None:
         if not slots:
@@ -160,9 +178,59 @@ class SlotPool:
         return self._free.qsize()
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[Slot]:
-        taken = await self._free.get()
+    async def queue(self, stop: asyncio.Event | None = None) -> AsyncIterator[Turn]:
+        turn = Turn(self._free, asyncio.ensure_future(self._take(stop or asyncio.Event())))
         try:
-            yield taken
+            yield turn
         finally:
+            await turn.leave()
+
+    async def _take(self, stop: asyncio.Event) -> Slot | None:
+        """The next free slot, or None when `stop` is set first: a runner shutting down starts
+        nothing, even with a slot free."""
+        if stop.is_set():
+            return None
+        getting = asyncio.ensure_future(self._free.get())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._give_back(getting)
+            raise
+        finally:
+            stopping.cancel()
+        if stop.is_set():
+            self._give_back(getting)
+            return None
+        return getting.result()
+
+    def _give_back(self, getting: asyncio.Future[Slot]) -> None:
+        if getting.done() and not getting.cancelled():
+            self._free.put_nowait(getting.result())
+        else:
+            getting.cancel()
+
+
+class Turn:
+    """One run's place in line for a slot (`SlotPool.queue`)."""
+
+    def __init__(self, free: asyncio.Queue[Slot], taking: asyncio.Task[Slot | None]) -> None:
+        self._free, self._taking, self._given_back = free, taking, False
+
+    async def slot(self) -> Slot | None:
+        return await asyncio.shield(self._taking)  # a cancelled waiter leaves via leave()
+
+    def give_back(self) -> None:
+        """The slot is free again (once; later calls do nothing)."""
+        if self._given_back or not self._taking.done() or self._taking.cancelled():
+            return
+        self._given_back = True
+        if (taken := self._taking.result()) is not None:
             self._free.put_nowait(taken)
+
+    async def leave(self) -> None:
+        if not self._taking.done():  # left the line before its turn
+            self._taking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._taking
+        self.give_back()

@@ -5,7 +5,8 @@ in one sitting.
 
 `tree_digest` is sha256 over every file's relative path and bytes, caches and bytecode left
 out (and everything in a top-level out/: run outputs are not code); symlinks are hashed by
-where they point, never followed.
+where they point, never followed. `patched_tree_digest` is the same digest of an environment's
+copy with some files rewritten, taken without making the copy.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 _IGNORED_DIRS = {"__pycache__", ".git", ".pytest_cache"}
@@ -26,6 +28,15 @@ def text_digest(text: str) -> str:
 def _ignored(name: str) -> bool:
     """Whether a file or folder of this name is left out of trees (caches, bytecode)."""
     return name in _IGNORED_DIRS or (name.endswith(".pyc") and len(name) > len(".pyc"))
+
+
+def _listed(rel: str) -> bool:
+    """Whether `_tree_files` lists a file at this relative path (none of its folders a cache,
+    nor under a top-level out/)."""
+    parts = rel.split("/")
+    return not any(_ignored(part) for part in parts) and not (
+        len(parts) > 1 and parts[0] in _TOP_LEVEL_IGNORED
+    )
 
 
 def _tree_files(root: Path) -> list[str]:
@@ -82,17 +93,49 @@ def _source_digest(path: str) -> str:
     return digest
 
 
-def _digest_of(root: Path, rels: list[str], *, source: bool = False) -> str:
+def _digest_of(
+    root: Path, rels: list[str], *, source: bool = False, known: Mapping[str, str] | None = None
+) -> str:
     """sha256 over `rels` under `root`; `source`: an environment's own folder, whose file
-    digests may be reused while the files are unchanged (never a workspace a run wrote)."""
+    digests may be reused while the files are unchanged (never a workspace a run wrote);
+    `known`: file digests by relative path that stand in for the files under `root`."""
     digest = _source_digest if source else _file_digest
+    known = known or {}
     total = hashlib.sha256()
     base = os.fspath(root)
     for rel in rels:
-        total.update(rel.encode() + b"\0" + digest(os.path.join(base, rel)).encode() + b"\n")
+        file_digest = known.get(rel) or digest(os.path.join(base, rel))
+        total.update(rel.encode() + b"\0" + file_digest.encode() + b"\n")
     return total.hexdigest()
 
 
 def tree_digest(root: Path, *, source: bool = False) -> str:
     """sha256 over every file's relative path and bytes (caches and top-level out/ ignored)."""
     return _digest_of(root, _tree_files(root), source=source)
+
+
+def patched_tree_digest(root: Path, changed: Mapping[str, str | None]) -> str:
+    """`tree_digest` of a copy of the environment folder `root` in which each path of `changed`
+    was written with its text as UTF-8 (as the applier writes it) or deleted (None), taken
+    without making the copy: the other files are hashed from `root` (symlinks, binary files and
+    all), modes are no part of the digest either way. The caller vouches that writing
+    `changed` into a copy would succeed (see `holds_text`)."""
+    rels = set(_tree_files(root))
+    written: dict[str, str] = {}
+    for rel, text in changed.items():
+        if text is None:
+            rels.discard(rel)
+        elif _listed(rel):
+            rels.add(rel)
+            written[rel] = text_digest(text)
+    return _digest_of(root, sorted(rels), source=True, known=written)
+
+
+def holds_text(root: Path, rel: str, text: str) -> bool:
+    """Whether `root`/`rel` is a regular file whose bytes are exactly `text` in UTF-8 (so a
+    patch applied to `text` in memory is what applying it to the file would give). Uses the
+    source-digest cache: `root` is an environment's own folder."""
+    try:
+        return _source_digest(os.path.join(os.fspath(root), rel)) == text_digest(text)
+    except OSError:
+        return False

@@ -16,6 +16,7 @@ expression, a new file) returns None and the smoke run happens as before.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Mapping
 
 from groundloop.manifest import Manifest
@@ -72,15 +73,13 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 
 def _changed_constants(old: str, new: str, names: set[str], path: str) -> dict[str, object] | None:
     """Knob name -> new literal value, if the two modules differ only there; else None."""
-    try:
-        old_tree, new_tree = ast.parse(old, path), ast.parse(new, path)
-    except SyntaxError:
+    knobs = frozenset(names)
+    old_module, new_module = _blanked_original(old, knobs, path), _blanked(new, knobs, path)
+    if old_module is None or new_module is None:
         return None
-    old_values, new_values = _knob_values(old_tree, names), _knob_values(new_tree, names)
-    if old_values is None or new_values is None or old_values.keys() != new_values.keys():
-        return None
-    if ast.dump(old_tree) != ast.dump(new_tree):  # the trees with knob values blanked
-        return None
+    (old_tree, old_values), (new_tree, new_values) = old_module, new_module
+    if old_values.keys() != new_values.keys() or old_tree != new_tree:
+        return None  # the trees with knob values blanked differ: code changed
     changed: dict[str, object] = {}
     for name, value in new_values.items():
         if value != old_values[name] or type(value) is not type(old_values[name]):
@@ -90,7 +89,23 @@ def _changed_constants(old: str, new: str, names: set[str], path: str) -> dict[s
     return changed
 
 
-def _knob_values(tree: ast.Module, names: set[str]) -> dict[str, object] | None:
+def _blanked(text: str, names: frozenset[str], path: str) -> tuple[str, dict[str, object]] | None:
+    """The module's syntax tree (dumped) with knob values blanked, and those values; None when
+    it does not parse or sets a knob by anything but a literal."""
+    try:
+        tree = ast.parse(text, path)
+    except SyntaxError:
+        return None
+    values = _knob_values(tree, names)
+    return None if values is None else (ast.dump(tree), values)
+
+
+# Every candidate of a search is compared with the same original: blank it once (the values
+# returned are shared between calls; nothing changes them).
+_blanked_original = functools.lru_cache(maxsize=16)(_blanked)
+
+
+def _knob_values(tree: ast.Module, names: frozenset[str]) -> dict[str, object] | None:
     """The literal value of each module-level knob assignment, blanking it in `tree` so the
     rest of the module can be compared; None when a knob is set by anything but a literal."""
     values: dict[str, object] = {}

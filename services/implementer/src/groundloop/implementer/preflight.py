@@ -14,12 +14,17 @@
                their ranges (knob_only.py): the environment vouches that those run.
 Checks stop at the first failure; each reports its seconds. The report's detail on a failure
 is written for a model to act on (it is shown to the implementer's LLM when it revises).
+
+`run_preflight` checks a materialised workspace. `preflight_from_texts` is the same report for
+a patch that needs no smoke run, from the changed files' texts alone (no workspace); it
+declines (None) any other patch.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from groundloop import telemetry
@@ -38,14 +43,26 @@ def _command(command: list[str]) -> list[str]:
 
 
 def check_compiles(workspace: Path, files: list[str]) -> PreflightCheck:
+    readers = ((rel, (workspace / rel).read_text) for rel in files)
+    return _compiles(
+        (rel, read) for rel, read in readers if rel.endswith(".py") and (workspace / rel).is_file()
+    )
+
+
+def check_compiles_texts(texts: Mapping[str, str]) -> PreflightCheck:
+    """check_compiles of files given as path -> text (as a workspace would hold them)."""
+    return _compiles(
+        (rel, lambda text=texts[rel]: text) for rel in sorted(texts) if rel.endswith(".py")
+    )
+
+
+def _compiles(sources: Iterable[tuple[str, Callable[[], str]]]) -> PreflightCheck:
+    """Compile each Python file (path, how to read it), stopping at the first that fails."""
     started = time.monotonic()
     compiled = 0
-    for rel in files:
-        path = workspace / rel
-        if not rel.endswith(".py") or not path.is_file():
-            continue
+    for rel, read in sources:
         try:
-            compile(path.read_text(), rel, "exec", dont_inherit=True)
+            compile(read(), rel, "exec", dont_inherit=True)
         except SyntaxError as exc:
             where = f"{rel}, line {exc.lineno}" if exc.lineno else rel
             line = f"\n    {exc.text.rstrip()}" if exc.text else ""
@@ -174,24 +191,24 @@ def run_preflight(
     seed: int,
     smoke_seconds: float | None = None,
     limits: Limits | None = None,
+    originals: Mapping[str, str] | None = None,
 ) -> PreflightReport:
+    """`originals`: the environment's text files (path -> text) where the caller holds them
+    already; otherwise the changed files' originals are read from the environment's folder."""
     with telemetry.step("pre-flight") as span:
         checks = [_traced(check_compiles(workspace, files_changed))]
         if checks[-1].ok:
             checks.append(_traced(check_protected(env, workspace)))
-        trusted = trusted_knob_settings(env, workspace, files_changed) if checks[-1].ok else None
-        if trusted is not None:
-            settings = ", ".join(f"{name}={value}" for name, value in sorted(trusted.items()))
-            checks.append(
-                _traced(
-                    PreflightCheck(
-                        name="smoke",
-                        ok=True,
-                        detail=f"skipped: the patch only sets knobs within their declared "
-                        f"ranges ({settings}), which the manifest trusts (trusted_knobs)",
-                    )
-                )
+        trusted = None
+        if checks[-1].ok and env.manifest.trusted_knobs:
+            before = (
+                _read_texts(env.root, files_changed)
+                if originals is None
+                else {rel: originals[rel] for rel in files_changed if rel in originals}
             )
+            trusted = trusted_knob_settings(env, before, _read_texts(workspace, files_changed))
+        if trusted is not None:
+            checks.append(_traced(_smoke_skipped(trusted)))
         elif checks[-1].ok:
             checks.append(
                 _traced(
@@ -211,20 +228,57 @@ def run_preflight(
         return report
 
 
-def trusted_knob_settings(
-    env: Environment, workspace: Path, files_changed: list[str]
-) -> dict[str, str] | None:
-    """The knob settings of a patch that needs no smoke run (see knob_only.py), or None."""
-    if not env.manifest.trusted_knobs or not files_changed:
+def preflight_from_texts(
+    env: Environment, before: Mapping[str, str], after: Mapping[str, str]
+) -> PreflightReport | None:
+    """run_preflight's report on the patched workspace, for a patch that needs no smoke run
+    (a trusted knob-only one), from the changed files' texts: `before`, `after` as read from
+    the environment and from the workspace (a file missing on one side: created or deleted).
+    None, having checked nothing, for any patch that needs a smoke run (and so a workspace).
+    The protected files of such a workspace are the environment's own (a patch may not touch
+    them), so they are checked in the environment's folder."""
+    trusted = trusted_knob_settings(env, before, after)
+    if trusted is None:
         return None
-    before, after = {}, {}
-    for rel in files_changed:
-        for side, path in ((before, env.root / rel), (after, workspace / rel)):
-            try:
-                side[rel] = path.read_text()
-            except (OSError, UnicodeDecodeError):
-                pass  # missing on one side: a new or deleted file, never knob-only
+    with telemetry.step("pre-flight") as span:
+        checks = [_traced(check_compiles_texts(after))]
+        if checks[-1].ok:
+            checks.append(_traced(check_protected(env, env.root)))
+        if checks[-1].ok:
+            checks.append(_traced(_smoke_skipped(trusted)))
+        report = PreflightReport(passed=all(c.ok for c in checks), checks=checks)
+        span.set_attribute("groundloop.passed", report.passed)
+        return report
+
+
+def trusted_knob_settings(
+    env: Environment, before: Mapping[str, str], after: Mapping[str, str]
+) -> dict[str, str] | None:
+    """The knob settings of a patch that needs no smoke run (see knob_only.py), or None.
+    `before`/`after`: each changed file's text before and after the patch (absent: no file)."""
+    if not env.manifest.trusted_knobs or not (before or after):
+        return None
     return knob_only_change(env.manifest, before, after)
+
+
+def _read_texts(root: Path, files: list[str]) -> dict[str, str]:
+    texts = {}
+    for rel in files:
+        try:
+            texts[rel] = (root / rel).read_text()
+        except (OSError, UnicodeDecodeError):
+            pass  # missing: a new or deleted file, never knob-only
+    return texts
+
+
+def _smoke_skipped(trusted: dict[str, str]) -> PreflightCheck:
+    settings = ", ".join(f"{name}={value}" for name, value in sorted(trusted.items()))
+    return PreflightCheck(
+        name="smoke",
+        ok=True,
+        detail=f"skipped: the patch only sets knobs within their declared "
+        f"ranges ({settings}), which the manifest trusts (trusted_knobs)",
+    )
 
 
 def _traced(check: PreflightCheck) -> PreflightCheck:

@@ -178,3 +178,55 @@ def test_a_v3_search_started_lifts_to_the_generational_schedule() -> None:
     lifted = decode(json.dumps(payload).encode())
     assert isinstance(lifted, SearchStarted) and lifted.config.schedule == "generational"
     assert lifted.version == 4
+
+
+class HeldBaseline(World):
+    """The baseline's runs finish only when the test says so (a slow baseline)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.baseline: list[RunRequested] = []
+        self.holding = True
+
+    def react(self, event):
+        if isinstance(event, RunRequested) and event.purpose == "baseline" and self.holding:
+            self.baseline.append(event)
+            return []
+        return super().react(event)
+
+    def finish_baseline(self) -> World:
+        held, self.baseline, self.holding = self.baseline, [], False
+        return self.run(*(self.complete(r, None, r.seed, "baseline", None, r.run_id) for r in held))
+
+
+def test_steady_generation_0_runs_beside_the_baseline_and_generation_1_waits_for_it() -> None:
+    world = HeldBaseline().run(
+        search_started(generations=3, ideas_per_generation=4, schedule="steady")
+    )
+    assert len(world.baseline) == 2  # both baseline seeds still running
+    assert [ga.generation for ga in world.generations()] == [0]
+    assert len(search_results(world, 0)) == 4  # generation 0 complete meanwhile
+    requests = log_index(world, lambda e: isinstance(e, RunRequested))
+    assert max(requests) < opened(world, 0)  # the budget counted the baseline first
+    world.finish_baseline()
+    assert [ga.generation for ga in world.generations()] == [0, 1, 2]
+    settling = [e for e in world.of(RunCompleted) if e.purpose == "baseline"][1]
+    assert world.generations()[1].causation_id == settling.event_id  # the baseline's last run
+    assert world.completed().reason == "completed 3 generations"
+
+
+def test_steady_a_baseline_that_fails_on_every_seed_still_ends_the_search() -> None:
+    world = HeldBaseline(fail_runs=lambda idea_id: idea_id is None).run(
+        search_started(generations=3, ideas_per_generation=4, schedule="steady")
+    )
+    assert [ga.generation for ga in world.generations()] == [0]
+    world.finish_baseline()
+    assert [ga.generation for ga in world.generations()] == [0]
+    assert world.completed().reason.startswith("baseline failed on every seed")
+
+
+def test_generational_generation_0_still_waits_for_the_baseline() -> None:
+    world = HeldBaseline().run(search_started(generations=2, ideas_per_generation=4))
+    assert not world.generations() and len(world.baseline) == 2
+    world.finish_baseline()
+    assert [ga.generation for ga in world.generations()] == [0, 1]

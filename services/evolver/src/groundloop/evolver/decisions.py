@@ -1,7 +1,7 @@
 """The evolver's decisions: a pure function of a search's state, its manifest and the clock.
 
 `decide(state, deps, cause)` returns what the evolver must emit now: baseline RunRequested
-events before generation 0, GenerationAdvanced when a generation closes (every idea terminal,
+events before generation 0 (on the steady schedule, beside it), GenerationAdvanced when a generation closes (every idea terminal,
 or its deadline passed), final re-evaluation RunRequested events once a budget is spent or
 the generations are done, and SearchCompleted with mean ± 95 % CI and Welch p-values.
 `service.handle` folds an event and calls it; `service.tick` calls it for deadlines. A
@@ -119,6 +119,8 @@ def decide(state: SearchState, deps: Deps, cause: Event | None) -> list[Event]:
         return _final_phase(ctx)
     if state.current_generation is None:
         return _baseline_phase(ctx)
+    if _steady(ctx) and (failure := _baseline_failure(ctx)) is not None:
+        return [ctx.completed(failure)]
     generation = state.current_generation
     if _deadline_passed(ctx, generation):
         return _advance(ctx, generation + 1)
@@ -218,7 +220,10 @@ def reeval_run_id(search_id: str, idea_id: str, seed: int) -> str:
 
 
 def _baseline_phase(ctx: _Decision) -> list[Event]:
-    """Measure the unpatched baseline on k seeds before generation 0 (β on this hardware)."""
+    """Measure the unpatched baseline on k seeds before generation 0 (β on this hardware). On
+    the steady schedule generation 0, whose plan needs no β, opens as soon as the baseline runs
+    are requested (so it counts them against the budgets) and runs beside them; generation 1
+    waits for the baseline (`_earlier_settled`)."""
     seeds = seeds_for(ctx.env.seeds, ctx.config.baseline_seeds)
     run_ids = {seed: baseline_run_id(ctx.state.search_id, seed) for seed in seeds}
     missing = [seed for seed in seeds if run_ids[seed] not in ctx.state.runs]
@@ -227,18 +232,33 @@ def _baseline_phase(ctx: _Decision) -> list[Event]:
         if room is not None and room < len(missing):
             return [ctx.completed(f"cannot run this search: {_too_small(ctx)}")]
         return [ctx.run_request(run_ids[seed], "baseline", seed, 0) for seed in missing]
-    runs = [ctx.state.runs[run_ids[seed]] for seed in seeds]
-    if not all(run.terminal for run in runs):
-        return []
-    if runs and not any(run.succeeded for run in runs):
-        statuses = ", ".join(f"seed {run.seed}: {run.status}" for run in runs)
-        return [
-            ctx.completed(
-                f"baseline failed on every seed ({statuses}); the environment "
-                "does not run as shipped, so no idea can be measured against it"
-            )
-        ]
+    if not _baseline_settled(ctx):
+        return _advance(ctx, 0) if _steady(ctx) else []
+    if (failure := _baseline_failure(ctx)) is not None:
+        return [ctx.completed(failure)]
     return _advance(ctx, 0)
+
+
+def _baseline_runs(ctx: _Decision) -> list[Any]:
+    seeds = seeds_for(ctx.env.seeds, ctx.config.baseline_seeds)
+    ids = (baseline_run_id(ctx.state.search_id, seed) for seed in seeds)
+    return [ctx.state.runs[run_id] for run_id in ids if run_id in ctx.state.runs]
+
+
+def _baseline_settled(ctx: _Decision) -> bool:
+    return all(run.terminal for run in _baseline_runs(ctx))
+
+
+def _baseline_failure(ctx: _Decision) -> str | None:
+    """Why the search cannot go on when every baseline run has ended and none succeeded."""
+    runs = _baseline_runs(ctx)
+    if not runs or not all(run.terminal for run in runs) or any(run.succeeded for run in runs):
+        return None
+    statuses = ", ".join(f"seed {run.seed}: {run.status}" for run in runs)
+    return (
+        f"baseline failed on every seed ({statuses}); the environment "
+        "does not run as shipped, so no idea can be measured against it"
+    )
 
 
 def _deadline_passed(ctx: _Decision, generation: int) -> bool:
@@ -262,7 +282,9 @@ def _earlier_settled(ctx: _Decision, generation: int) -> bool:
     older generation's results behind."""
     if not _steady(ctx):
         return True
-    return all(_settled(ctx, g) for g in ctx.state.advanced_generations if g < generation)
+    return _baseline_settled(ctx) and all(
+        _settled(ctx, g) for g in ctx.state.advanced_generations if g < generation
+    )
 
 
 def _settled(ctx: _Decision, generation: int) -> bool:

@@ -247,3 +247,46 @@ async def test_unreachable_broker_gives_a_clear_error(tmp_path):
         BrokerUnavailable, match="cannot reach NATS at nats://127.0.0.1:.*groundloop broker"
     ):
         await Bus.connect(settings, "t", connect_timeout=0.5)
+
+
+async def test_artifacts_are_stored_once_replaced_cleanly_and_read_like_nats_py_objects(
+    settings: Settings,
+):
+    """put_artifact writes a new key in two publishes; a redo of the same bytes keeps the
+    stored object, new bytes replace it and purge its old chunks, so the bucket's stream holds
+    one meta and the chunks of each key whatever was redone. Objects stay nats-py objects both
+    ways, up to several chunks and down to none."""
+    bus = await Bus.connect(settings, "runner-1")  # a role that writes artifacts
+    stream = f"OBJ_{settings.artifacts_bucket}"
+
+    async def stored_messages() -> int:
+        return (await bus.js.stream_info(stream)).state.messages
+
+    try:
+        assert await bus.put_artifact("logs/r/1/000000", b"first") == "logs/r/1/000000"
+        assert await bus.get_artifact("logs/r/1/000000") == b"first"
+        assert await stored_messages() == 2  # one chunk, one meta
+        nuid = (await bus._objects.get_info("logs/r/1/000000")).nuid
+        await bus.put_artifact("logs/r/1/000000", b"first")
+        assert (await bus._objects.get_info("logs/r/1/000000")).nuid == nuid  # kept
+        assert await stored_messages() == 2
+        await bus.put_artifact("logs/r/1/000000", b"redone")
+        assert await bus.get_artifact("logs/r/1/000000") == b"redone"
+        assert await stored_messages() == 2  # the old chunk purged, the old meta rolled up
+
+        big = bytes(range(256)) * 1200  # 300 KiB: three chunks
+        await bus.put_artifact("diffs/big", big)
+        assert (await bus._objects.get("diffs/big")).data == big
+        assert await bus.get_artifact("diffs/big") == big
+        await bus.put_artifact("empty", b"")
+        assert await bus.get_artifact("empty") == b""
+        await bus._objects.put("by-nats-py", b"written by the library")
+        assert await bus.get_artifact("by-nats-py") == b"written by the library"
+        await bus.put_artifact("by-nats-py", b"written by the library")  # same bytes: kept
+        await bus.put_artifact("by-nats-py", b"and replaced")
+        assert (await bus._objects.get("by-nats-py")).data == b"and replaced"
+        await bus._objects.delete("empty")
+        await bus.put_artifact("empty", b"back")  # over a deleted object
+        assert await bus.get_artifact("empty") == b"back"
+    finally:
+        await bus.close()

@@ -5,6 +5,7 @@ unknown key, or signed by a role that may not produce it, with the reason."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from pathlib import Path
 
@@ -150,3 +151,75 @@ def test_a_seed_readable_by_others_is_refused(tmp_path: Path):
         identity.load_seed(tmp_path, "runner")
     with pytest.raises(identity.CredentialsError, match="no credentials for role 'evolver'"):
         identity.load_seed(tmp_path, "evolver")
+
+
+def _signed_run_started(tmp_path: Path) -> tuple[dict[str, str], ev.Event, str, bytes]:
+    keys = identity.generate(tmp_path, ["runner", "ideator"])
+    run_started = _of(one_search("cache", ideas=1), "RunStarted")
+    subject, body = run_started.subject("t"), ev.encode(run_started)
+    return keys, run_started, subject, body
+
+
+def test_a_remembered_signature_vouches_only_for_the_very_bytes_it_was_checked_on(
+    tmp_path: Path,
+):
+    keys, event, subject, body = _signed_run_started(tmp_path)
+    runner = identity.Signer("runner", identity.load_seed(tmp_path, "runner"))
+    ideator = identity.Signer("ideator", identity.load_seed(tmp_path, "ideator"))
+    headers = runner.headers(subject, body)
+    verified = identity.VerifiedSignatures(bound=16)
+    verifier = identity.Verifier(keys, verified)
+
+    def refusal(subject: str, body: bytes, headers: dict[str, str]) -> str | None:
+        return verifier.refusal(subject, body, headers, event.TYPE, event.producer)
+
+    assert refusal(subject, body, headers) is None
+    assert len(verified) == 1
+    assert refusal(subject, body, headers) is None  # remembered, still believed
+    tampered = body.replace(b'"attempt":1', b'"attempt":2')
+    assert tampered != body
+    forged = "does not match its bytes"
+    assert forged in (refusal(subject, tampered, headers) or "")
+    assert forged in (refusal(subject + "x", body, headers) or "")
+    # Another role's key claiming the runner's signature: the signer is part of what was checked.
+    claimed = {**headers, identity.SIGNER: ideator.public_key}
+    assert forged in (refusal(subject, body, claimed) or "")
+    one_bit_off = bytearray(base64.urlsafe_b64decode(headers[identity.SIGNATURE]))
+    one_bit_off[0] ^= 1
+    other_signature = {
+        **headers,
+        identity.SIGNATURE: base64.urlsafe_b64encode(one_bit_off).decode(),
+    }
+    assert forged in (refusal(subject, body, other_signature) or "")
+    assert len(verified) == 1  # refusals are never remembered
+    # A verifier that does not know the signer refuses it, whatever another one checked.
+    stranger = identity.Verifier({"ideator": keys["ideator"]}, verified)
+    assert "a key of no role" in (
+        stranger.refusal(subject, body, headers, event.TYPE, event.producer) or ""
+    )
+    # Remembered as a good signature, not as a good event: the producer check still runs.
+    assert "names producer" in (
+        verifier.refusal(subject, body, headers, event.TYPE, "evolver") or ""
+    )
+
+
+def test_remembered_signatures_stay_within_their_bound(tmp_path: Path):
+    keys, event, subject, _ = _signed_run_started(tmp_path)
+    runner = identity.Signer("runner", identity.load_seed(tmp_path, "runner"))
+    verified = identity.VerifiedSignatures(bound=3)
+    verifier = identity.Verifier(keys, verified)
+    bodies = [ev.encode(event.model_copy(update={"event_id": f"e{i}"})) for i in range(10)]
+    signed = [(body, runner.headers(subject, body)) for body in bodies]
+    for body, headers in signed:
+        assert verifier.refusal(subject, body, headers, event.TYPE, event.producer) is None
+        assert len(verified) <= 3
+    assert len(verified) == 3
+    oldest, newest = signed[0], signed[-1]
+    digest = identity.VerifiedSignatures.digest
+    in_cache = [
+        digest(runner.public_key, base64.urlsafe_b64decode(h[identity.SIGNATURE]), subject.encode() + b"\n" + b) in verified
+        for b, h in (oldest, newest)
+    ]  # fmt: skip
+    assert in_cache == [False, True]  # the least recently used went first
+    # Dropped from memory is checked again, not refused.
+    assert verifier.refusal(subject, oldest[0], oldest[1], event.TYPE, event.producer) is None

@@ -21,9 +21,6 @@ verified, and the process says so once in its log.
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -37,10 +34,11 @@ from nats.js.errors import (
     KeyNotFoundError,
     NoStreamResponseError,
     NotFoundError,
-    ObjectNotFoundError,
 )
 
 from groundloop import bus_setup, identity, telemetry
+from groundloop.bus_artifacts import WRONG_LAST_SEQUENCE as WRONG_LAST_SEQUENCE
+from groundloop.bus_artifacts import ArtifactStore
 from groundloop.bus_reading import LogReading
 from groundloop.bus_setup import BrokerUnavailable as BrokerUnavailable
 from groundloop.events import Event, encode
@@ -51,7 +49,6 @@ from groundloop.settings import Settings
 
 log = logging.getLogger(__name__)
 
-WRONG_LAST_SEQUENCE = 10071  # JetStream error code: expected-last-subject-sequence mismatch
 # How long one publish waits for its ack before sending again. A publish written to a node
 # that has just died is lost without an answer; waiting the full API timeout (10 s) for it
 # stalled every producer that long on a cluster failover. Resending is safe (Nats-Msg-Id).
@@ -75,7 +72,7 @@ class Published:
     refused: bool = False  # once_per_subject and the subject already had a message
 
 
-class Bus(LogReading):
+class Bus(LogReading, ArtifactStore):
     """A connection to the log; bulk reading (replay, entries, dead letters) is in
     `groundloop.bus_reading`."""
 
@@ -294,21 +291,6 @@ class Bus(LogReading):
             meta["Groundloop-Truncated"] = "true"
         await self._publish_raw(self.dead_letter_subject(role), keep, meta, retry_for=30.0)
 
-    # ------------------------------------------------------------------ artifacts
-
-    async def put_artifact(self, key: str, data: bytes) -> str:
-        """Store `data` at `key`; a redo that stores the very same bytes writes nothing."""
-        with contextlib.suppress(ObjectNotFoundError):
-            info = await self._objects.get_info(key)
-            if info.digest == _object_digest(data):
-                return key
-        await self._objects.put(key, data)
-        return key
-
-    async def get_artifact(self, key: str) -> bytes:
-        result = await self._objects.get(key)
-        return result.data
-
     # ------------------------------------------------------------------ processed records
 
     async def was_processed(self, role: str, event_id: str) -> bool:
@@ -378,11 +360,6 @@ class Bus(LogReading):
         except NotFoundError:
             return None
         return await self.read(stored.subject, stored.data or b"", seq, dict(stored.headers or {}))
-
-
-def _object_digest(data: bytes) -> str:
-    """The digest the object store records for `data` (nats-py: SHA-256=<urlsafe base64>)."""
-    return "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
 
 
 def describe(event: Event) -> str:

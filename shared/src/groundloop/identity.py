@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 import ssl
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,12 +143,64 @@ def _verify_key(public: str) -> nacl.signing.VerifyKey:
     return nacl.signing.VerifyKey(raw[1:33])
 
 
+# Signature checks remembered per process: every event is read by several readers of one
+# process (each role's consumer, each log follower), and ed25519 verification was the largest
+# part of reading one. 8192 digests (about 1.5 MB with the LRU's bookkeeping) cover the events
+# in flight between a publish and its last reader.
+VERIFIED_SIGNATURES_KEPT = 8192
+
+
+class VerifiedSignatures:
+    """The (signer, signature, signed bytes) triples whose signature checked out, least
+    recently used dropped first. Only checks that passed are kept, under a SHA-256 of all
+    three, so a hit means these exact bytes were verified before: a changed byte of the
+    message, the signature or the signer misses and is verified again. The lock makes it safe
+    to share between the event loop and worker threads."""
+
+    def __init__(self, bound: int = VERIFIED_SIGNATURES_KEPT):
+        self.bound = bound
+        self._digests: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def digest(signer: str, signature: bytes, message: bytes) -> bytes:
+        # Length prefixes: no two different triples hash the same bytes.
+        signer_bytes = signer.encode()
+        h = hashlib.sha256(len(signer_bytes).to_bytes(4, "big") + signer_bytes)
+        h.update(len(signature).to_bytes(4, "big") + signature)
+        h.update(message)
+        return h.digest()
+
+    def __contains__(self, digest: bytes) -> bool:
+        with self._lock:
+            if digest not in self._digests:
+                return False
+            self._digests.move_to_end(digest)
+            return True
+
+    def add(self, digest: bytes) -> None:
+        with self._lock:
+            self._digests[digest] = None
+            self._digests.move_to_end(digest)
+            while len(self._digests) > self.bound:
+                self._digests.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+
+_verified_in_this_process = VerifiedSignatures()
+
+
 class Verifier:
     """Checks who signed an event against the permission map's public keys."""
 
-    def __init__(self, public_keys: Mapping[str, str]):
+    def __init__(self, public_keys: Mapping[str, str], verified: VerifiedSignatures | None = None):
         self.roles = {key: role for role, key in public_keys.items()}
         self._keys = {key: _verify_key(key) for key in public_keys.values()}
+        # Shared by every Verifier of the process (one per connection): whether a signature
+        # matches its key and bytes does not depend on which roles a Verifier knows.
+        self._verified = _verified_in_this_process if verified is None else verified
 
     def refusal(
         self, subject: str, body: bytes, headers: Mapping[str, str], event_type: str, producer: str
@@ -161,10 +216,19 @@ class Verifier:
         role = self.roles.get(signer)
         if role is None:
             return f"{event_type} signed by {signer[:12]}..., a key of no role of this deployment"
+        forged = f"{event_type} with a signature of role {role} that does not match its bytes"
         try:
-            self._keys[signer].verify(_message(subject, body), base64.urlsafe_b64decode(signature))
-        except (nacl.exceptions.BadSignatureError, binascii.Error, ValueError):
-            return f"{event_type} with a signature of role {role} that does not match its bytes"
+            raw_signature = base64.urlsafe_b64decode(signature)
+        except (binascii.Error, ValueError):
+            return forged
+        message = _message(subject, body)
+        digest = VerifiedSignatures.digest(signer, raw_signature, message)
+        if digest not in self._verified:
+            try:
+                self._keys[signer].verify(message, raw_signature)
+            except (nacl.exceptions.BadSignatureError, ValueError):
+                return forged
+            self._verified.add(digest)
         return producer_refusal(role, event_type, producer)
 
 

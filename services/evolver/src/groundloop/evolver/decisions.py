@@ -10,7 +10,7 @@ A search with a SearchStopped (the model cannot be reached, say) gets no further
 no run, no generation, and no SearchCompleted, so a stopped search is never reported as a
 success; its end is the SearchStopped itself.
 
-Output ids are a function of the decision, not of what triggered it (`_decision_id`): the
+Output ids are a function of the decision, not of what triggered it (`decision_context.decision_id`): the
 last RunCompleted of a generation, a deadline tick and a restarted evolver all reach "advance
 to g+1" or "re-run idea X on seed s" under the same event id, so JetStream's de-duplication
 (and, for GenerationAdvanced, the once-per-subject guard) keeps exactly one. Occurred-at
@@ -21,84 +21,32 @@ generation's GenerationAdvanced).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from datetime import timedelta
+from typing import Any
 
 from groundloop.events import (
     Event,
     FinalEvaluation,
     GenerationAdvanced,
     GenerationSummary,
-    RunRequested,
     SearchCompleted,
-    SearchStarted,
     stable_id,
 )
 from groundloop.manifest import Metric
 
 from .algorithm import exploit_share, plan_generation
 from .budget import dollar_headroom, headroom, no_room_reason
+from .decision_context import (
+    Decision,
+    Deps,
+    baseline_run_id,
+    reeval_run_id,
+    seeds_for,
+)
 from .state import SearchState
 from .stats import mean, mean_ci, welch_t_test
 
 log = logging.getLogger(__name__)
-
-PRODUCER = "evolver"
-
-
-class EnvironmentInfo(Protocol):
-    """What the evolver needs from an environment's manifest (a `Manifest` is one)."""
-
-    resource_class: Any  # "cpu" | "gpu1" | "gpu8"
-    seeds: list[int]
-    metric: Metric
-    budget: Any  # wall_seconds: a run's GPU-seconds are estimated as wall_seconds × gpus
-    resources: Any
-
-
-class Clock(Protocol):
-    def now(self) -> datetime: ...
-
-
-class SystemClock:
-    def now(self) -> datetime:
-        return datetime.now(UTC)
-
-
-@dataclass
-class Deps:
-    """The evolver's world: environment lookup, clock, and the in-memory states it decides on.
-
-    A search that ended (SearchCompleted or SearchStopped) gets no further decision, so its
-    state is dropped and only its id is kept in `ended`: an evolver that serves searches for
-    months holds the states of the active ones, not of every search it ever saw (the soak
-    benchmark measured ~27 KB per finished search before)."""
-
-    environments: Callable[[str], EnvironmentInfo]
-    clock: Clock = field(default_factory=SystemClock)
-    states: dict[str, SearchState] = field(default_factory=dict)
-    ended: set[str] = field(default_factory=set)
-
-    def state(self, search_id: str) -> SearchState:
-        if search_id not in self.states:
-            self.states[search_id] = SearchState(search_id)
-        return self.states[search_id]
-
-    def fold(self, event: Event) -> SearchState | None:
-        """Fold `event` into its search's state; None when the search has ended (nothing is
-        kept or decided for it any more)."""
-        search_id = event.search_id
-        if search_id in self.ended:
-            return None
-        state = self.state(search_id)
-        state.apply(event)
-        if state.ended:
-            del self.states[search_id]
-            self.ended.add(search_id)
-            return None
-        return state
 
 
 def decide(state: SearchState, deps: Deps, cause: Event | None) -> list[Event]:
@@ -112,9 +60,9 @@ def decide(state: SearchState, deps: Deps, cause: Event | None) -> list[Event]:
     except Exception as exc:  # a search this evolver can never run: end it, saying why
         problem = f"{exc.__class__.__name__}: {exc}"
         return [
-            _Decision(state, deps, cause, env=None).completed(f"cannot run this search: {problem}")
+            Decision(state, deps, cause, env=None).completed(f"cannot run this search: {problem}")
         ]
-    ctx = _Decision(state, deps, cause, env)
+    ctx = Decision(state, deps, cause, env)
     if state.final_started:
         return _final_phase(ctx)
     if state.current_generation is None:
@@ -131,95 +79,10 @@ def decide(state: SearchState, deps: Deps, cause: Event | None) -> list[Event]:
     return []
 
 
-@dataclass
-class _Decision:
-    """One decision's inputs, and how its output events are built."""
-
-    state: SearchState
-    deps: Deps
-    cause: Event | None
-    env: Any  # EnvironmentInfo; None only when ending a search whose environment failed to load
-
-    def __post_init__(self) -> None:
-        assert self.state.started is not None
-        self.started: SearchStarted = self.state.started
-        self.config = self.started.config
-        self.now = self.deps.clock.now()
-
-    def event(self, cls: type[Event], *decision: object, **fields: Any) -> Any:
-        """An output event whose id names the decision (see the module docstring); its
-        causation is the event that triggered it, or for a tick the open generation."""
-        generation = self.state.current_generation
-        opened = self.state.generations[generation].event_id if generation is not None else None
-        cause_id = (
-            self.cause.event_id if self.cause is not None else (opened or self.started.event_id)
-        )
-        return cls(
-            event_id=_decision_id(self.started, *decision),
-            search_id=self.state.search_id,
-            occurred_at=self.now,
-            causation_id=cause_id,
-            producer=PRODUCER,
-            **fields,
-        )
-
-    def run_request(
-        self, run_id: str, purpose: str, seed: int, generation: int, *, idea_id: str | None = None
-    ) -> RunRequested:
-        patch = self.state.ideas[idea_id].patch if idea_id is not None else None
-        return self.event(
-            RunRequested,
-            "run",
-            run_id,
-            run_id=run_id,
-            purpose=purpose,
-            idea_id=idea_id,
-            patch_id=patch.patch_id if patch else None,
-            generation=generation,
-            environment=self.started.environment,
-            environment_digest=self.started.environment_digest,
-            resource_class=patch.resource_class if patch else self.env.resource_class,
-            diff=patch.diff if patch else None,
-            diff_key=patch.diff_key if patch else None,
-            seed=seed,
-        )
-
-    def completed(self, reason: str, **fields: Any) -> SearchCompleted:
-        beta = self.state.beta()
-        fields.setdefault("baseline_score", beta[0] if beta else None)
-        return self.event(
-            SearchCompleted, "completed", reason=reason, totals=self.state.totals(), **fields
-        )
-
-
-def _decision_id(started: SearchStarted, *decision: object) -> str:
-    return stable_id(PRODUCER, started.event_id, *decision)
-
-
-def seeds_for(manifest_seeds: list[int], count: int) -> list[int]:
-    """The first `count` seeds of the manifest's list, extended with the smallest unused
-    non-negative integers when the list is shorter."""
-    seeds = list(dict.fromkeys(manifest_seeds))[:count]
-    candidate = 0
-    while len(seeds) < count:
-        if candidate not in seeds:
-            seeds.append(candidate)
-        candidate += 1
-    return seeds
-
-
-def baseline_run_id(search_id: str, seed: int) -> str:
-    return stable_id(search_id, "baseline", seed)
-
-
-def reeval_run_id(search_id: str, idea_id: str, seed: int) -> str:
-    return stable_id(search_id, "reeval", idea_id, seed)
-
-
 # ---------------------------------------------------------------------------- phases
 
 
-def _baseline_phase(ctx: _Decision) -> list[Event]:
+def _baseline_phase(ctx: Decision) -> list[Event]:
     """Measure the unpatched baseline on k seeds before generation 0 (β on this hardware). On
     the steady schedule generation 0, whose plan needs no β, opens as soon as the baseline runs
     are requested (so it counts them against the budgets) and runs beside them; generation 1
@@ -239,17 +102,17 @@ def _baseline_phase(ctx: _Decision) -> list[Event]:
     return _advance(ctx, 0)
 
 
-def _baseline_runs(ctx: _Decision) -> list[Any]:
+def _baseline_runs(ctx: Decision) -> list[Any]:
     seeds = seeds_for(ctx.env.seeds, ctx.config.baseline_seeds)
     ids = (baseline_run_id(ctx.state.search_id, seed) for seed in seeds)
     return [ctx.state.runs[run_id] for run_id in ids if run_id in ctx.state.runs]
 
 
-def _baseline_settled(ctx: _Decision) -> bool:
+def _baseline_settled(ctx: Decision) -> bool:
     return all(run.terminal for run in _baseline_runs(ctx))
 
 
-def _baseline_failure(ctx: _Decision) -> str | None:
+def _baseline_failure(ctx: Decision) -> str | None:
     """Why the search cannot go on when every baseline run has ended and none succeeded."""
     runs = _baseline_runs(ctx)
     if not runs or not all(run.terminal for run in runs) or any(run.succeeded for run in runs):
@@ -261,7 +124,7 @@ def _baseline_failure(ctx: _Decision) -> str | None:
     )
 
 
-def _deadline_passed(ctx: _Decision, generation: int) -> bool:
+def _deadline_passed(ctx: Decision, generation: int) -> bool:
     deadline_s = ctx.config.generation_deadline_s
     opened = ctx.state.generations[generation].opened_at
     return (
@@ -271,11 +134,11 @@ def _deadline_passed(ctx: _Decision, generation: int) -> bool:
     )
 
 
-def _steady(ctx: _Decision) -> bool:
+def _steady(ctx: Decision) -> bool:
     return ctx.config.schedule == "steady" and ctx.started.strategy == "evolution"
 
 
-def _earlier_settled(ctx: _Decision, generation: int) -> bool:
+def _earlier_settled(ctx: Decision, generation: int) -> bool:
     """Every generation before `generation` complete or past its deadline. Always so on the
     generational schedule; on the steady one a generation may open before the previous is
     complete, and neither the next early opening nor the final re-evaluation may leave an
@@ -287,12 +150,12 @@ def _earlier_settled(ctx: _Decision, generation: int) -> bool:
     )
 
 
-def _settled(ctx: _Decision, generation: int) -> bool:
+def _settled(ctx: Decision, generation: int) -> bool:
     """Every result of `generation` in, or its deadline passed: nothing more is waited for."""
     return ctx.state.generation_complete(generation) or _deadline_passed(ctx, generation)
 
 
-def _may_open_early(ctx: _Decision, generation: int) -> bool:
+def _may_open_early(ctx: Decision, generation: int) -> bool:
     """Steady schedule: the next generation opens once every idea of this one is written,
     half of them are terminal and every older generation is settled, so the next ideas are
     written and patched while this generation's last runs hold the slots. (All written
@@ -308,7 +171,7 @@ def _may_open_early(ctx: _Decision, generation: int) -> bool:
     return 2 * terminal >= record.expected > 0
 
 
-def _advance(ctx: _Decision, generation: int, *, early: bool = False) -> list[Event]:
+def _advance(ctx: Decision, generation: int, *, early: bool = False) -> list[Event]:
     """Open `generation`, or, when a budget is spent or the generations are done, begin the
     final re-evaluation. An `early` opening (steady schedule) never begins the final phase:
     that waits until every open generation is complete."""
@@ -347,7 +210,7 @@ def _advance(ctx: _Decision, generation: int, *, early: bool = False) -> list[Ev
     ]
 
 
-def _closed_summary(ctx: _Decision, generation: int) -> GenerationSummary | None:
+def _closed_summary(ctx: Decision, generation: int) -> GenerationSummary | None:
     """The summary carried by the opening of `generation`: of the generation before it on
     the generational schedule. On the steady one, where openings run ahead of closings, of
     the oldest settled generation not yet summarised, so each generation's summary is given
@@ -370,13 +233,13 @@ def _final_unpatched_purpose(metric: Metric) -> str:
     return "reeval" if metric.final_split and metric.final_split != metric.split else "baseline"
 
 
-def _final_baseline_run_id(ctx: _Decision, seed: int) -> str:
+def _final_baseline_run_id(ctx: Decision, seed: int) -> str:
     if _final_unpatched_purpose(ctx.env.metric) == "baseline":
         return baseline_run_id(ctx.state.search_id, seed)
     return stable_id(ctx.state.search_id, "reeval", "baseline", seed)
 
 
-def _begin_final(ctx: _Decision, reason: str) -> list[Event]:
+def _begin_final(ctx: Decision, reason: str) -> list[Event]:
     """Choose the top-k ideas by search reward and request their re-evaluation runs."""
     chosen = [
         idea_id
@@ -389,7 +252,7 @@ def _begin_final(ctx: _Decision, reason: str) -> list[Event]:
     return _final_requests(ctx, chosen)
 
 
-def _final_reserve(ctx: _Decision) -> int:
+def _final_reserve(ctx: Decision) -> int:
     """Runs the final re-evaluation may still need: top-k ideas and the baseline on each
     final seed (baseline runs already in the log are reused)."""
     seeds = seeds_for(ctx.env.seeds, ctx.config.final_seeds)
@@ -397,7 +260,7 @@ def _final_reserve(ctx: _Decision) -> int:
     return (ctx.config.final_top_k + 1) * len(seeds) - reused
 
 
-def _too_small(ctx: _Decision) -> str:
+def _too_small(ctx: Decision) -> str:
     budgets = ctx.config.budgets
     need = ctx.config.baseline_seeds + 1 + _final_reserve(ctx)
     return (
@@ -407,7 +270,7 @@ def _too_small(ctx: _Decision) -> str:
     )
 
 
-def _final_requests(ctx: _Decision, ideas: list[str]) -> list[Event]:
+def _final_requests(ctx: Decision, ideas: list[str]) -> list[Event]:
     """Every final run of `ideas` and of the baseline not yet requested (idempotent), as
     many as the run and GPU-hour budgets still allow."""
     state, generation = ctx.state, ctx.state.current_generation or 0
@@ -427,7 +290,7 @@ def _final_requests(ctx: _Decision, ideas: list[str]) -> list[Event]:
     return out if room is None else out[: max(room, 0)]
 
 
-def _final_phase(ctx: _Decision) -> list[Event]:
+def _final_phase(ctx: Decision) -> list[Event]:
     """Wait for every re-evaluation run; then report and complete the search."""
     state = ctx.state
     ideas = list(
@@ -453,7 +316,7 @@ def _final_phase(ctx: _Decision) -> list[Event]:
 
 
 def _search_completed(
-    ctx: _Decision, ideas: list[str], baseline_scores: list[float]
+    ctx: Decision, ideas: list[str], baseline_scores: list[float]
 ) -> SearchCompleted:
     state = ctx.state
     final: list[FinalEvaluation] = []

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from groundloop.events import Event, GenerationAdvanced
 from groundloop.search_index import fitting_events
 
-from .decisions import PRODUCER, Deps
+from .decision_context import PRODUCER, Deps
 from .service import CONSUMED_TYPES, handle
 from .state import SearchState
 

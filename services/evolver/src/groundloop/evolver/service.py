@@ -22,7 +22,7 @@ and quarantined: the replica it was delivered to dead-letters it.
     await run(settings, stop)              the service on the bus
     python -m groundloop.evolver           run it alone (GROUNDLOOP_NATS_URL must be set)
 
-The decisions themselves live in decisions.py, Algorithm 1 in algorithm.py, the fold in
+The decisions themselves live in decisions.py (their inputs in decision_context.py), Algorithm 1 in algorithm.py, the fold in
 state.py.
 """
 
@@ -45,17 +45,17 @@ from groundloop.search_index import SearchIndex, read_entries, record_refusal
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
-from .decisions import (
+from .decision_context import (
     PRODUCER,
     Clock,
     Deps,
     EnvironmentInfo,
     SystemClock,
     baseline_run_id,
-    decide,
     reeval_run_id,
     seeds_for,
 )
+from .decisions import decide
 
 __all__ = [
     "Clock",

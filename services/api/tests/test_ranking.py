@@ -5,12 +5,14 @@ excluded, and the order right for metrics minimised and maximised."""
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlmodel import Session
 
 from groundloop import events as ev
 from groundloop import ranking
+from groundloop.api import ranking as api_ranking
 from groundloop.api.projector import project_all
 from groundloop.api.store import IdeaRow, make_engine, reset_tables, table_snapshot
 from groundloop.manifest import Metric
@@ -119,3 +121,119 @@ def test_the_projection_folds_search_split_means_in_any_order():
     # b's re-evaluation (100) is its best run overall, but not on the search split
     assert (b.mean_score, b.search_runs, b.best_score, b.best_run_id) == (5.0, 1, 5.0, "b-1")
     assert b.runs_succeeded == 2
+
+
+# --- api.ranking.leader: the leaderboard's first line without loading every run ---
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+# Few distinct values so that means tie; the huge pair cancels so that a database AVG summed
+# in arrival order (SQLite's: 0) differs from ranking.mean's (1/3 for 1e16, 1, -1e16).
+SCORES = [0.1, 0.2, 0.3, 0.5, 1.0, 1e16, -1e16]
+
+
+def _random_search(rng: random.Random, search_id: str, direction: str) -> list[ev.Event]:
+    """Ideas (some of mode baseline) with several runs each: succeeded, failed, final
+    re-evaluations, the unpatched baseline's, runs still running, on a metric of `direction`."""
+    metric = Metric(name="m", direction=direction, reward="x" if direction == "maximize" else "-x")  # type: ignore[arg-type]
+    ideas = [
+        f.idea_proposed(search_id, n, title=f"{search_id} idea {n}", mode=rng.choice(MODES))
+        for n in range(rng.randint(1, 6))
+    ]
+    out: list[ev.Event] = [f.search_started(search_id), *ideas]
+    for n in range(rng.randint(0, 40)):
+        idea = rng.choice([*ideas, None])
+        purpose = "baseline" if idea is None else rng.choice(["search", "search", "reeval"])
+        run_id = f"{search_id}-run-{rng.randrange(10**6):06d}-{n}"
+        if rng.random() < 0.1:  # started, not completed
+            out.append(
+                ev.RunStarted(
+                    search_id=search_id,
+                    producer="runner",
+                    run_id=run_id,
+                    idea_id=idea and idea.idea_id,
+                    runner_id="r1",
+                    host="h",
+                    seed=n,
+                )
+            )
+            continue
+        status = rng.choice(["succeeded", "succeeded", "succeeded", "failed", "timed_out"])
+        # A failed run may still carry a number (a partial evaluation): it never counts.
+        score = rng.choice(SCORES) if status == "succeeded" or rng.random() < 0.5 else None
+        completed = f.run_result(
+            search_id,
+            run_id,
+            status=status,
+            score=score,
+            reward=metric.to_reward(score) if score is not None else None,
+            purpose=purpose,
+            idea_id=idea and idea.idea_id,
+        )
+        # Equal completion times too: the baseline's order then falls to the run id.
+        out.append(completed.model_copy(update={"occurred_at": T0 + timedelta(rng.randint(0, 5))}))
+    return out
+
+
+MODES = ["fresh", "fresh", "exploit", "baseline"]
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_leader_is_the_leaderboards_first_line(direction, db_url):
+    """On random searches (ties, failed and final runs, several seeds, many searches in the
+    same tables): `leader` and `search_baseline_scores` equal what the whole leaderboard and
+    every run give."""
+    rng = random.Random(direction)
+    searches = [f"s{n}" for n in range(60)]
+    engine = make_engine(db_url)
+    reset_tables(engine)
+    project_all(engine, [e for s in searches for e in _random_search(rng, s, direction)])
+    leaders = set()
+    with Session(engine) as session:
+        for search_id in searches:
+            for include_baseline in (True, False):
+                board = api_ranking.leaderboard(
+                    session, search_id, include_baseline=include_baseline
+                )
+                got = api_ranking.leader(session, search_id, include_baseline=include_baseline)
+                want = board[0] if board else None
+                assert _shown(got) == _shown(want)
+                leaders.add(want and (want.idea.idea_id, want.standing))
+            runs = api_ranking.search_runs(session, search_id)
+            assert api_ranking.search_baseline_scores(
+                session, search_id
+            ) == api_ranking.baseline_scores(runs)
+    engine.dispose()
+    assert None in leaders and len(leaders) > 20  # the cases did vary
+
+
+def _shown(entry: api_ranking.Entry | None) -> tuple | None:
+    if entry is None:
+        return None
+    return (entry.rank, entry.idea.idea_id, entry.idea.title, entry.standing, entry.final)
+
+
+def test_leader_breaks_ties_and_rounding_as_the_ranking_does(db_url):
+    """Equal means go to the smaller idea id whatever order the runs came in; a mean the
+    database would round differently (1e16 + 1 - 1e16) still ranks by ranking.mean."""
+    ideas = [f.idea_proposed("s1", n, title=f"idea {n}") for n in range(3)]
+    low, high, cancelling = sorted(ideas, key=lambda i: i.idea_id)
+
+    def runs(idea: ev.IdeaProposed, scores: list[float]) -> list[ev.Event]:
+        return [
+            f.run_result("s1", f"{idea.idea_id}-{n}", score=s, idea_id=idea.idea_id)
+            for n, s in enumerate(scores)
+        ]
+
+    tied = [*runs(high, [0.1, 0.2, 0.3]), *runs(low, [0.3, 0.2, 0.1])]
+    engine = make_engine(db_url)
+    reset_tables(engine)
+    project_all(engine, [f.search_started("s1"), *ideas, *tied])
+    with Session(engine) as session:
+        leader = api_ranking.leader(session, "s1")
+        assert leader is not None and leader.idea.idea_id == low.idea_id
+    project_all(engine, runs(cancelling, [1e16, 1.0, -1e16]))
+    with Session(engine) as session:
+        leader = api_ranking.leader(session, "s1")
+        assert leader is not None and leader.idea.idea_id == cancelling.idea_id
+        assert leader.standing == api_ranking.leaderboard(session, "s1")[0].standing
+    engine.dispose()

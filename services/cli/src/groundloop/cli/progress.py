@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
-from sqlalchemy import func
+from sqlalchemy import Engine, case, func
 from sqlmodel import Session, col, select
 
 from groundloop.api import ranking
@@ -27,7 +27,9 @@ console = Console()
 
 
 def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], SearchRow | None]:
-    """The rows of the progress display (label, value) and the search's row, if projected yet."""
+    """The rows of the progress display (label, value) and the search's row, if projected yet.
+    Aggregates in the database: it runs every few seconds all search long, so its cost must
+    not grow with the Python objects of every run."""
     search = session.get(SearchRow, search_id)
     ideas = session.exec(
         select(func.count()).select_from(IdeaRow).where(IdeaRow.search_id == search_id)
@@ -35,14 +37,17 @@ def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], S
     patched = session.exec(
         select(func.count()).select_from(PatchRow).where(PatchRow.search_id == search_id)
     ).one()
-    runs = session.exec(select(RunRow).where(RunRow.search_id == search_id)).all()
+    done, in_flight = session.exec(
+        select(
+            func.count(col(RunRow.completed_at)),
+            func.coalesce(func.sum(case((col(RunRow.status) == "running", 1), else_=0)), 0),
+        ).where(RunRow.search_id == search_id)
+    ).one()
     usage = model_usage(session, search_id)
     cost, tokens = usage.cost_usd, usage.input_tokens + usage.output_tokens
     # The leader by groundloop.ranking: its mean over search-split runs, final runs excluded.
-    board = ranking.leaderboard(session, search_id, include_baseline=False)
-    best = board[0] if board else None
-    done = [r for r in runs if r.completed_at is not None]
-    baseline = ranking.baseline_scores(runs)
+    best = ranking.leader(session, search_id, include_baseline=False)
+    baseline = ranking.search_baseline_scores(session, search_id)
     generation = (
         search.current_generation if search and search.current_generation is not None else None
     )
@@ -50,7 +55,7 @@ def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], S
         ("search", search_id),
         ("generation", "baseline" if generation is None else str(generation)),
         ("ideas / patched", f"{ideas} / {patched}"),
-        ("runs done / in flight", f"{len(done)} / {sum(1 for r in runs if r.status == 'running')}"),
+        ("runs done / in flight", f"{done} / {in_flight}"),
         ("baseline (search split)", ", ".join(f"{s:.4g}" for s in baseline) or "measuring"),
         (
             "best so far (search split)",
@@ -63,10 +68,20 @@ def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], S
     ], search
 
 
-# How often the display is rebuilt: the leaderboard and the run counts are queries over every
-# run of the search, so rebuilding them twice a second cost ~6 % of the embedded search's CPU
-# at a few hundred runs, and more with every run. Whether the search has ended is still
-# checked every POLL_S (one primary-key read).
+def _poll(
+    engine: Engine, search_id: str, due: bool
+) -> tuple[SearchRow | None, bool, list[tuple[str, str]] | None]:
+    """The search's row, whether it has ended, and the display's rows if `due` or ended."""
+    with Session(engine) as session:
+        search = session.get(SearchRow, search_id)
+        ended = search is not None and search.status in ("completed", "stopped")
+        return search, ended, progress(session, search_id)[0] if due or ended else None
+
+
+# How often the display is rebuilt: about a dozen aggregate queries (~5 ms at a thousand runs,
+# in a worker thread); loading every run twice a second once cost ~6 % of the embedded
+# search's CPU. Whether the search has ended is still checked every POLL_S (one primary-key
+# read).
 POLL_S = 0.5
 LIVE_REFRESH_S = 2.0
 PRINT_EVERY_S = 5.0
@@ -91,13 +106,12 @@ async def watch(
                 if task.done():
                     exc = task.exception()
                     raise RuntimeError(f"a service stopped unexpectedly: {exc!r}") from exc
-            with Session(engine) as session:
-                search = session.get(SearchRow, search_id)
-                ended = search is not None and search.status in ("completed", "stopped")
-                due = time.monotonic() - last_shown >= (
-                    LIVE_REFRESH_S if live is not None else PRINT_EVERY_S
-                )
-                pairs = progress(session, search_id)[0] if due or ended else None
+            due = time.monotonic() - last_shown >= (
+                LIVE_REFRESH_S if live is not None else PRINT_EVERY_S
+            )
+            # In a thread with its own session: every role of the embedded search shares this
+            # event loop, and the queries would stall them all while they run.
+            search, ended, pairs = await asyncio.to_thread(_poll, engine, search_id, due)
             if pairs is not None:
                 last_shown = time.monotonic()
                 if live is not None:

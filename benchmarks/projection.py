@@ -14,6 +14,13 @@ Measured, `--repeat` times each (then the median):
 Then (unless --no-check) the log is folded again one event per transaction through the live
 projector's `apply`, and the two databases' tables are compared: row counts and a digest per
 table, and whether they are equal.
+
+    python benchmarks/projection.py --live [--events 20000] [--repeat 3]
+
+measures the live projector alone instead: the log is read from the stream once, then folded
+`--repeat` times into a fresh SQLite file, one event per transaction through `apply` with a
+Session per event, as the projector service does (no bus, no worker thread); each fold's
+tables are compared with the batched fold's (`project_all`) of the same entries.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlmodel import Session  # noqa: E402
 
-from groundloop.api.projector import apply  # noqa: E402
+from groundloop.api.projector import apply, project_all  # noqa: E402
 from groundloop.api.rebuild import rebuild  # noqa: E402
 from groundloop.api.store import make_engine, reset_tables, table_snapshot  # noqa: E402
 from groundloop.broker import NatsServer, free_port  # noqa: E402
@@ -106,6 +113,40 @@ async def check(settings: Settings, bus: Bus, root: Path) -> None:
     rebuilt.dispose()
 
 
+def live_fold(pairs: list[tuple[int, Event]], path: Path) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds, tables) of folding `pairs` as the live projector does."""
+    engine = make_engine(f"sqlite:///{path}")
+    reset_tables(engine)
+    started, cpu = time.perf_counter(), time.process_time()
+    for seq, event in pairs:
+        with Session(engine) as session:
+            apply(session, event, seq=seq)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    tables = table_snapshot(engine)
+    engine.dispose()
+    return seconds, cpu, tables
+
+
+async def measure_live(args: argparse.Namespace, bus: Bus, root: Path) -> None:
+    pairs = [pair async for pair in bus.raw_events(batch=args.batch_size)]
+    batched = make_engine(f"sqlite:///{root / 'batched.db'}")
+    reset_tables(batched)
+    project_all(batched, pairs)
+    expected = table_snapshot(batched)
+    batched.dispose()
+    rates, cpus = [], []
+    for i in range(args.repeat):
+        seconds, cpu, tables = live_fold(pairs, root / f"live{i}.db")
+        rates.append(len(pairs) / seconds)
+        cpus.append(cpu / len(pairs) * 1e6)
+        equal = tables == expected
+        print("live apply (one per txn)  :", rate(len(pairs), seconds, cpu), "equal:", equal)
+    print(
+        f"median of {args.repeat}: live apply {statistics.median(rates):,.0f} events/s, "
+        f"{statistics.median(cpus):.0f} us CPU/event"
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="gl-bench-projection-") as scratch:
         await measure(args, Path(scratch))
@@ -126,6 +167,9 @@ async def measure(args: argparse.Namespace, root: Path) -> None:
         await publish(bus, events)
         del events  # the rebuild's process would not hold the log: neither should we
         gc.collect()
+        if args.live:
+            await measure_live(args, bus, root)
+            return
 
         replays, rebuilds, totals, cpus = [], [], [], []
         for _ in range(args.repeat):
@@ -161,4 +205,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1000, help="events per fetch and fold")
     parser.add_argument("--no-check", dest="check", action="store_false")
+    parser.add_argument(
+        "--live", action="store_true", help="measure the live projector's apply alone"
+    )
     asyncio.run(main(parser.parse_args()))

@@ -164,6 +164,7 @@ async def test_rebuild_equals_the_event_by_event_fold(
 # every commit but their keys remembered; too many keys, so it asks the database again.
 MODES = {
     "in memory": (20_000, 50_000, 2_000_000),
+    "in memory, a commit every 50": (50, 50_000, 2_000_000),
     "rows dropped, keys kept": (50, 40, 10**9),
     "asks the database": (50, 40, 100),
     "a commit per batch, nothing kept": (1, 0, 0),

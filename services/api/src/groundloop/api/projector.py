@@ -32,7 +32,7 @@ from sqlmodel import Session
 
 from groundloop import events as ev
 from groundloop.api.folds import FOLDS, fold
-from groundloop.api.rowset import Key, Rows
+from groundloop.api.rowset import Key, Rows, driver_call
 from groundloop.api.store import (
     PROJECTION_TABLES,
     GenerationRow,
@@ -78,9 +78,9 @@ def _already_processed(conn: Connection, role: str, event_ids: list[str]) -> set
             marks = ", ".join("?" * len(chunk))
             found.update(
                 event_id
-                for (event_id,) in conn.exec_driver_sql(
-                    "SELECT event_id FROM processed_events "
-                    f"WHERE role = ? AND event_id IN ({marks})",
+                for (event_id,) in driver_call(
+                    conn,
+                    f"SELECT event_id FROM processed_events WHERE role = ? AND event_id IN ({marks})",
                     (role, *chunk),
                 )
             )
@@ -105,12 +105,14 @@ def apply(session: Session, event: ev.Event, role: str = ROLE, seq: int | None =
         if _already_processed(conn, role, [event.event_id]):
             session.rollback()
             return False
-        rows = Rows(conn, lock=True)
+        live = _LiveRows(conn)
         at = as_utc(event.occurred_at)
-        fold(rows, event, at)
-        _record_processed(rows, role, event, seq, datetime.now(UTC), at)
-        rows.flush()
+        fold(live.rows, event, at)
+        _record_processed(live.rows, role, event, seq, datetime.now(UTC), at)
+        live.rows.flush()
+        live.written()
         session.commit()
+        live.keep()
         return True
     except IntegrityError:
         session.rollback()
@@ -122,6 +124,56 @@ def apply(session: Session, event: ev.Event, role: str = ROLE, seq: int | None =
     except BaseException:
         session.rollback()
         raise
+
+
+class _LiveRows:
+    """The rows one live transaction folds into. On SQLite they are those the same database
+    connection read and wrote in its earlier transactions, kept while nothing else can have
+    changed the tables since (most events touch rows the events before them did): checked
+    under the write lock, as (PRAGMA data_version, which counts other connections' commits —
+    projector replicas, a rebuild's swap; schema_version, DDL; and the connection's
+    total_changes, its own writes outside `apply`) equal to their values when the kept rows
+    were last committed. A failed transaction's rows are not kept. Elsewhere (PostgreSQL)
+    every transaction reads afresh, its rows locked FOR UPDATE."""
+
+    _INFO_KEY = "groundloop.projector.live_rows"  # in the pool's per-DBAPI-connection info
+    MAX_ROWS = 20_000  # 1-2 KB each; past this the kept rows are dropped, and read again
+
+    def __init__(self, conn: Connection):
+        self.driver = conn.connection.dbapi_connection
+        self.info = conn.connection.info
+        self.state: tuple[object, ...] | None = None
+        # Taken out of the info, so that no other user of the connection shares the rows.
+        kept = self.info.pop(self._INFO_KEY, None)
+        if conn.dialect.name != "sqlite" or self.driver is None:
+            self.rows = Rows(conn, lock=True)
+            return
+        self.versions = driver_call(
+            conn,
+            "SELECT (SELECT data_version FROM pragma_data_version),"
+            " (SELECT schema_version FROM pragma_schema_version)",
+        ).fetchone()
+        if kept is not None and kept[0] == (self.driver, self.versions, self._changes()):
+            self.rows = kept[1]
+            self.rows.conn = conn
+        else:
+            self.rows = Rows(conn)
+
+    def _changes(self) -> int:
+        return self.driver.total_changes  # type: ignore[union-attr]
+
+    def written(self) -> None:
+        """The rows are flushed: what the database will hold once committed (this connection's
+        own commit changes neither data_version nor total_changes)."""
+        if self.driver is not None and self.rows.conn.dialect.name == "sqlite":
+            self.state = (self.driver, self.versions, self._changes())
+
+    def keep(self) -> None:
+        """After the commit: keep the rows for the connection's next transaction. (Stored
+        after the connection went back to the pool: if another user wrote through it in the
+        meantime, total_changes no longer matches and the rows are not used.)"""
+        if self.state is not None and len(self.rows) <= self.MAX_ROWS:
+            self.info[self._INFO_KEY] = (self.state, self.rows)
 
 
 def _lock_for_writing(conn: Connection) -> None:
@@ -136,7 +188,7 @@ def _lock_for_writing(conn: Connection) -> None:
         return
     driver = conn.connection.dbapi_connection
     if driver is not None and not driver.in_transaction:  # type: ignore[attr-defined]
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        driver_call(conn, "BEGIN IMMEDIATE")
 
 
 def project_all(

@@ -17,6 +17,7 @@ from weakref import WeakKeyDictionary
 
 from pydantic_core import PydanticUndefined
 from sqlalchemy import Connection, Dialect, Table, and_, bindparam, select
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel
 
 from groundloop.api.store import UTCDateTime
@@ -115,7 +116,8 @@ class Rows:
     """The rows one fold reads and writes, cached by table and primary key (misses included,
     so after `prefetch` a whole batch is folded without one SELECT per event). The cache
     stays valid across flushes and commits for as long as nobody else writes the tables (a
-    rebuild's scratch file); otherwise make a new Rows per transaction."""
+    rebuild's scratch file; the live projector checks it per transaction, see
+    projector._LiveRows); otherwise make a new Rows per transaction."""
 
     def __init__(
         self, conn: Connection, *, lock: bool = False, empty: bool = False, known: int = 0
@@ -154,11 +156,29 @@ class Rows:
         table: Table = model.__table__  # type: ignore[attr-defined]
         cache = self._cache(table)
         if key not in cache:
-            if self._may_exist(table, key):
-                columns = table.primary_key.columns
-                self._load(table, and_(*(c == v for c, v in zip(columns, key, strict=True))))
-            cache.setdefault(key, None)
+            values = self._read(table, key) if self._may_exist(table, key) else None
+            cache[key] = None if values is None else Row(table, values, False, self._queue)
         return cache[key]
+
+    def _read(self, table: Table, key: Key) -> dict[str, Any] | None:
+        """One row's column values by primary key, through a statement planned once per
+        table: building and compiling a SELECT per read was most of a live fold's time.
+        SQLite: the driver's own cursor, with the columns' result processors."""
+        conn = self.conn
+        stmt, sql, names, binds, columns = _lookup(conn.dialect, table, self.lock)
+        if conn.dialect.name != "sqlite":
+            found = conn.execute(stmt, dict(zip(names, key, strict=True))).mappings().first()
+            return None if found is None else dict(found)
+        params = [
+            value if bind is None else bind(value) for value, bind in zip(key, binds, strict=True)
+        ]
+        found = driver_call(conn, sql, params).fetchone()
+        if found is None:
+            return None
+        return {
+            name: value if convert is None or value is None else convert(value)
+            for (name, convert), value in zip(columns, found, strict=True)
+        }
 
     def _may_exist(self, table: Table, key: Key) -> bool:
         """Could the database hold this key that is not cached? Always, unless `empty`."""
@@ -256,9 +276,41 @@ class Rows:
             _executemany(self.conn, table, "update", rows)
 
 
-# Per dialect and (table, kind): the statement, its SQL text and, per parameter, (bind name,
-# column it reads, bind processor, whether it is a time).
-Plan = tuple[Any, str, list[tuple[str, str, Any, bool]]]
+# Per dialect and (table, lock): the primary-key SELECT, its SQL text, the key's bind names
+# and processors (in the order the SQL takes them), and (name, result processor) per column.
+Lookup = tuple[Any, str, list[str], list[Any], list[tuple[str, Any]]]
+_LOOKUPS: WeakKeyDictionary[Dialect, dict[tuple[str, bool], Lookup]] = WeakKeyDictionary()
+
+
+def _lookup(dialect: Dialect, table: Table, lock: bool) -> Lookup:
+    plans = _LOOKUPS.setdefault(dialect, {})
+    plan = plans.get((table.name, lock))
+    if plan is None:
+        keys = {f"key_{c.name}": c for c in table.primary_key.columns}
+        stmt: Any = select(table).where(
+            and_(*(c == bindparam(name, type_=c.type) for name, c in keys.items()))
+        )
+        if lock:
+            stmt = stmt.with_for_update()
+        compiled = stmt.compile(dialect=dialect)
+        names = list(keys)  # a key's values come in primary key order: so must the SQL's
+        if compiled.positional and list(compiled.positiontup or ()) != names:
+            raise RuntimeError(f"{table.name}: key parameters out of order in {compiled}")
+        binds = [keys[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
+        columns = [  # (SQLite: other drivers' result processors need the column's type code)
+            (c.name, c.type.dialect_impl(dialect).result_processor(dialect, None))
+            if dialect.name == "sqlite"
+            else (c.name, None)
+            for c in table.columns
+        ]
+        plan = plans[table.name, lock] = (stmt, compiled.string, names, binds, columns)
+    return plan
+
+
+# Per dialect and (table, kind): the statement, its SQL text, its bind names in order, a
+# getter of their values from a row's columns, and (position, bind processor) of those that
+# need converting.
+Plan = tuple[Any, str, list[str], Any, list[tuple[int, Any]]]
 _PLANS: WeakKeyDictionary[Dialect, dict[tuple[str, str], Plan]] = WeakKeyDictionary()
 
 
@@ -280,31 +332,29 @@ def _plan(dialect: Dialect, table: Table, kind: str) -> Plan:
             stmt = table.update().where(and_(*where)).values(values)
         compiled = stmt.compile(dialect=dialect)
         names = list(compiled.positiontup) if compiled.positional else list(compiled.binds)
-        params = []
-        for name in names:
+        read = itemgetter(*(source[name] for name in names))  # rows hold every column
+        converters = []
+        for i, name in enumerate(names):
             type_ = compiled.binds[name].type
             processor = type_.dialect_impl(dialect).bind_processor(dialect)
-            params.append((name, source[name], processor, isinstance(type_, UTCDateTime)))
-        plans[table.name, kind] = (stmt, compiled.string, params)
+            if processor is not None:
+                # Times repeat (a row keeps its times while other columns change): each is
+                # converted once.
+                converters.append(
+                    (i, _memoised(processor) if isinstance(type_, UTCDateTime) else processor)
+                )
+        plans[table.name, kind] = (stmt, compiled.string, names, read, converters)
     return plans[table.name, kind]
 
 
 def _executemany(conn: Connection, table: Table, kind: str, rows: list[dict[str, Any]]) -> None:
     """SQLite: one driver-level executemany with the columns' own bind processors, because
-    SQLAlchemy's per-row parameter handling costs several times SQLite's own insert (times
-    are converted once each: a transaction's rows share few). Other databases: SQLAlchemy's
-    executemany, which batches rows into few round trips."""
-    stmt, sql, params = _plan(conn.dialect, table, kind)
-    read = itemgetter(*(column for _, column, _, _ in params))  # rows hold every column
-    names = [name for name, *_ in params]
+    SQLAlchemy's per-row parameter handling costs several times SQLite's own insert. Other
+    databases: SQLAlchemy's executemany, which batches rows into few round trips."""
+    stmt, sql, names, read, converters = _plan(conn.dialect, table, kind)
     if conn.dialect.name != "sqlite":
         conn.execute(stmt, [dict(zip(names, read(row), strict=True)) for row in rows])
         return
-    converters = [
-        (i, _memoised(p) if is_time else p)
-        for i, (_, _, p, is_time) in enumerate(params)
-        if p is not None
-    ]
     batch: list[Any] = []
     for row in rows:
         values = list(read(row))
@@ -314,15 +364,35 @@ def _executemany(conn: Connection, table: Table, kind: str, rows: list[dict[str,
         batch.append(
             tuple(values) if conn.dialect.positional else dict(zip(names, values, strict=True))
         )
-    conn.exec_driver_sql(sql, batch)
+    driver_call(conn, sql, batch, many=True)
 
 
-def _memoised(processor: Any) -> Any:
+def driver_call(conn: Connection, sql: str, params: Any = (), *, many: bool = False) -> Any:
+    """Run SQL on SQLite's own connection: a tenth of exec_driver_sql's cost per statement,
+    which counts when a transaction is one event's few statements. Errors are raised as
+    exec_driver_sql raises them (DBAPIError, IntegrityError…), and like it, it begins the
+    connection's transaction if none is open: otherwise `conn.commit()` would not commit
+    what the driver wrote."""
+    if not conn.in_transaction():
+        conn.begin()
+    driver: Any = conn.connection.dbapi_connection
+    error = conn.dialect.loaded_dbapi.Error
+    try:
+        return driver.executemany(sql, params) if many else driver.execute(sql, params)
+    except error as exc:
+        raise DBAPIError.instance(sql, params, exc, error) from exc
+
+
+def _memoised(processor: Any, limit: int = 4096) -> Any:
+    """`processor` with its results remembered (up to `limit` values, then forgotten)."""
     seen: dict[Any, Any] = {}
 
     def convert(value: Any) -> Any:
-        if value not in seen:
-            seen[value] = processor(value)
-        return seen[value]
+        found = seen.get(value)
+        if found is None:
+            if len(seen) >= limit:
+                seen.clear()
+            found = seen[value] = processor(value)
+        return found
 
     return convert

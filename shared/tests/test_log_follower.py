@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import time
 from pathlib import Path
+
+import pytest
 
 from groundloop import events as ev
 from groundloop.broker import NatsServer, free_port
@@ -29,6 +33,15 @@ class Recorded:
 
     def add(self, seq: int, entry: ev.Event | Quarantined) -> None:
         self.entries.append((seq, entry))
+
+
+class SlowRecorded(Recorded):
+    """A fold that takes a while per entry and holds the event loop meanwhile, as a CPU-bound
+    fold does: deliveries pile up in the socket and arrive in bursts."""
+
+    def add(self, seq: int, entry: ev.Event | Quarantined) -> None:
+        time.sleep(0.002)
+        super().add(seq, entry)
 
 
 async def publish_all(bus: Bus, events: list[ev.Event]) -> list[int]:
@@ -98,6 +111,53 @@ async def test_garbage_is_quarantined_once_and_folded_as_such(settings: Settings
     assert [q.seq for q in await operator.quarantined()] == [garbage]
     for bus in [*readers, operator]:
         await bus.close()
+
+
+# A follower given far fewer pending messages than a burst holds: its subscription drops some.
+# `stall_s` is long, so the direct read cannot be what fills a gap within the test's deadline.
+TINY_PENDING = {"pending_msgs": 4, "stall_s": 60.0}
+
+
+async def test_a_slow_fold_gets_every_entry_once_in_order_while_many_arrive(settings: Settings):
+    bus = await Bus.connect(settings, "t")
+    events = one_search("fs", ideas=60)  # 243 entries, many times the pending limit
+    first = (await bus.publish(events[0])).seq
+    followers = LogFollowers(bus, SlowRecorded, **TINY_PENDING)
+    await followers.through("fs", first)
+
+    def write_elsewhere() -> list[int]:  # a writer in another process: not slowed by the fold
+        async def write() -> list[int]:
+            writer = await Bus.connect(settings, "t2")
+            try:
+                return await publish_all(writer, events[1:])
+            finally:
+                await writer.close()
+
+        return asyncio.run(write())
+
+    seqs = await asyncio.to_thread(write_elsewhere)  # the follower folds meanwhile
+    fold = await asyncio.wait_for(followers.through("fs", seqs[-1]), 30)
+    assert fold.entries == await stored(bus, "fs")
+    assert [e for _, e in fold.entries] == events
+    await bus.close()
+
+
+async def test_entries_dropped_by_a_full_subscription_are_delivered_again(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+):
+    bus = await Bus.connect(settings, "t")
+    events = one_search("fp", ideas=60)
+    seqs = await publish_all(bus, events)
+    followers = LogFollowers(bus, Recorded, **TINY_PENDING)
+
+    with caplog.at_level(logging.WARNING, "groundloop.log_follower"):
+        # A new consumer sends the stored entries at once: far more than 4 at a time.
+        fold = await asyncio.wait_for(followers.through("fp", seqs[-1]), 30)
+    assert fold.entries == await stored(bus, "fp")
+    assert [e for _, e in fold.entries] == events
+    gaps = [r for r in caplog.records if "went missing" in r.getMessage()]
+    assert gaps, "no entry was dropped: the burst did not exceed the pending limit"
+    await bus.close()
 
 
 async def test_a_follower_whose_consumer_is_deleted_goes_on_from_where_it_was(

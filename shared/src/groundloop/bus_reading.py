@@ -209,7 +209,7 @@ class LogReading:
                 )
             fruitless += 1
             delivery = _Delivery()
-            sub, consumer = await self._open_push(subject, position, delivery)
+            sub, consumer = await self.open_push(subject, position, delivery)
             deadline, taken_by_deadline = loop.time() + SILENT_S, 0
             try:
                 while True:
@@ -244,13 +244,16 @@ class LogReading:
                     except TimeoutError:
                         break
             finally:
-                await self._close_push(sub, consumer)
+                await self.close_push(sub, consumer)
 
-    async def _open_push(self, subject: str, start: int, delivery: _Delivery) -> tuple[Any, str]:
+    async def open_push(
+        self, subject: str, start: int, delivery: _Delivery, **limits: int
+    ) -> tuple[Any, str]:
         """An ephemeral push consumer on `subject` from stream sequence `start`, delivering to
         a new inbox of this connection that feeds `delivery` (subscribed first, so nothing is
-        delivered before anyone listens)."""
-        sub = await self.nc.subscribe(self.nc.new_inbox(), cb=delivery.on_message)
+        delivered before anyone listens). `limits`: the subscription's pending_msgs_limit /
+        pending_bytes_limit (a log follower's; nats-py's defaults otherwise)."""
+        sub = await self.nc.subscribe(self.nc.new_inbox(), cb=delivery.on_message, **limits)
         try:
             info = await self.js.add_consumer(
                 self.settings.stream,
@@ -273,16 +276,16 @@ class LogReading:
             raise
         return sub, info.name
 
-    async def _close_push(self, sub: Any, consumer: str) -> None:
-        """Delete the consumer at once: left to expire, every read would hold one of the
-        stream's 1,000 consumers for a minute, and a role reading per event (the rl-trainer,
-        the ideator) reached the cap. Best effort: it expires anyway."""
-        if self.nc.is_closed:
-            return
-        with contextlib.suppress(Exception):
-            await self.js.delete_consumer(self.settings.stream, consumer)
+    async def close_push(self, sub: Any, consumer: str) -> None:
+        """Unsubscribed first, so a close cut short (a cancelled caller) leaves no listener and
+        the broker deletes the consumer after INACTIVE_S; then deleted at once: left to
+        expire, every read would hold one of the stream's 1,000 consumers for a minute, and a
+        role reading per event (the rl-trainer, the ideator) reached the cap."""
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+        if not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(self.settings.stream, consumer)
 
     async def stream_state(self) -> dict[str, int]:
         info = await self.js.stream_info(self.settings.stream)

@@ -9,9 +9,21 @@ cost O(n) per event and O(n^2) per search.
 
 `LogFollowers` keeps one state per search (a `Fold`: anything with `add(seq, entry)`), fed
 every entry of the search once, in stream order, read through `Bus.read` (so garbage is
-quarantined on the way, as by every reader). Its follower is an ordered push consumer on the
-search's subjects, started when first needed from the first entry not folded yet; in steady
-state entries arrive as they are written, with no request per event.
+quarantined on the way, as by every reader). Its follower is an ephemeral push consumer on
+the search's subjects, started when first needed from the first entry not folded yet; in
+steady state entries arrive as they are written, with no request per event.
+
+Not nats-py's ordered consumer: when its subscription's pending limits are exceeded (a slow
+fold, a replica catching up a big search) it drops entries after its order tracking has moved
+past them, so a fold missed them silently; and it answers the broker's "stalled" heartbeat at
+once, so a slow fold's buffer grew by a flow-control window per heartbeat. The follower takes
+the bulk reader's delivery (`bus_reading._Delivery`): entries checked to come in consumer
+order; one missing (dropped by the client, never sent) or the consumer silent for `SILENT_S`
+(deleted, the broker restarted) ends that consumer, and a new one starts from the first entry
+not folded. Flow control is answered once every entry delivered before it is taken, so a
+follower holds at most the flow-control window (up to 32 MiB) however slow its fold; its
+pending limits (`pending_msgs`, `pending_bytes`) are above that, and one exceeded anyway (the
+event loop starved) costs a new consumer, not an entry.
 
 - `through(search, seq)`: the state once every entry of the search up to stream sequence
   `seq` is folded (later ones may be folded too: a fold that must not see them compares
@@ -40,9 +52,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from nats.js import api
 from nats.js.errors import NotFoundError
 
+from groundloop.bus_reading import REOPENS, SILENT_S, _Delivery
 from groundloop.events import Event, SearchCompleted, SearchStopped
 from groundloop.quarantine import Quarantined
 
@@ -50,6 +62,10 @@ if TYPE_CHECKING:
     from groundloop.bus import Bus
 
 log = logging.getLogger(__name__)
+
+# Above the flow-control window (32 MiB; or 512k payloads of 64 bytes, far smaller than events).
+PENDING_BYTES = 64 * 1024 * 1024
+PENDING_MSGS = 512 * 1024
 
 
 class Fold(Protocol):
@@ -59,6 +75,23 @@ class Fold(Protocol):
 
 
 F = TypeVar("F", bound=Fold, covariant=True)  # a fold of a subclass stands in for its base
+
+
+class _Followed(_Delivery):
+    """Counting what its callback got: nats-py counts a message dropped for a full subscription
+    as delivered (`Subscription.delivered`), so a drop is seen at once, not at the next entry
+    or heartbeat (a burst's tail dropped whole would cost a heartbeat per consumer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got = 0
+
+    async def on_message(self, msg: Any) -> None:
+        self.got += 1
+        await super().on_message(msg)
+
+    def dropped_by(self, sub: Any) -> bool:
+        return sub.delivered > self.got + sub.pending_msgs
 
 
 class FollowerFailed(Exception):
@@ -71,8 +104,7 @@ class _Follower:
     subject: str  # the search's subjects (a filter)
     state: Any  # the caller's Fold
     folded_to: int = 0  # every entry of the search up to this stream sequence is folded
-    sub: Any = None  # the ordered push subscription; None before it is needed, or stopped
-    generation: int = 0  # of the subscription: deliveries of a stopped one are ignored
+    task: asyncio.Task[None] | None = None  # folds what its consumers deliver; None: stopped
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one folder at a time
     waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
     in_use: int = 0
@@ -92,12 +124,15 @@ class LogFollowers(Generic[F]):
         idle_s: float = 120.0,
         ended_s: float = 10.0,
         stall_s: float = 3.0,
+        pending_msgs: int = PENDING_MSGS,
+        pending_bytes: int = PENDING_BYTES,
     ):
         self.bus, self.new_state = bus, new_state
         self.idle_s, self.ended_s, self.stall_s = idle_s, ended_s, stall_s
+        # Each follower's subscription: beyond them nats-py drops deliveries (seen as a gap).
+        self.pending_msgs, self.pending_bytes = pending_msgs, pending_bytes
         self._followers: dict[str, _Follower] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        self._stopping: set[asyncio.Task[None]] = set()
         self._closed = False
         bus.on_close(self.close)
 
@@ -136,8 +171,6 @@ class LogFollowers(Generic[F]):
         for follower in list(self._followers.values()):
             self._reject_waiters(follower, FollowerFailed("the log followers were closed"))
             await self._drop(follower)
-        if self._stopping:
-            await asyncio.gather(*self._stopping, return_exceptions=True)
 
     # ------------------------------------------------------------------ waiting
 
@@ -171,7 +204,7 @@ class LogFollowers(Generic[F]):
                 raise FollowerFailed(
                     f"folding the log of search {follower.search_id} failed: {follower.failed!r}"
                 ) from follower.failed
-            if follower.sub is None:
+            if follower.task is None:
                 await self._start(follower)
                 continue
             progress = follower.folded_to
@@ -208,34 +241,84 @@ class LogFollowers(Generic[F]):
 
     async def _start(self, follower: _Follower) -> None:
         async with follower.lock:
-            if follower.sub is not None or follower.failed is not None:
+            if follower.task is not None or follower.failed is not None:
                 return
             self._refuse_if_closed(follower.search_id)  # closed while this call waited
-            follower.generation += 1
-            generation = follower.generation
+            opened = await self._open(follower)  # failing here, the caller learns why
+            follower.task = asyncio.create_task(self._follow(follower, *opened))
 
-            async def on_message(msg: Any) -> None:
+    async def _open(self, follower: _Follower) -> tuple[_Followed, Any, str]:
+        """A push consumer on the search's subjects from the first entry not folded, as the
+        bulk reader's (`LogReading.open_push`), with this follower's pending limits."""
+        delivery = _Followed()
+        sub, name = await self.bus.open_push(
+            follower.subject,
+            follower.folded_to + 1,
+            delivery,
+            pending_msgs_limit=self.pending_msgs,
+            pending_bytes_limit=self.pending_bytes,
+        )
+        return delivery, sub, name
+
+    async def _follow(self, follower: _Follower, delivery: _Followed, sub: Any, name: str) -> None:
+        """Fold what each consumer delivers; one that misses an entry or falls silent is
+        replaced by one from the first entry not folded. Ends when stopped (cancelled), when
+        a new consumer cannot be had (the next call starts one), or when a fold fails."""
+        fruitless = 0
+        try:
+            while True:
+                before = follower.folded_to
                 try:
-                    await self._fold_delivered(follower, generation, msg)
-                except Exception as exc:
-                    self._fail(follower, exc)
+                    level, why = await self._fold_delivered(follower, delivery, sub)
+                finally:
+                    await self.bus.close_push(sub, name)
+                fruitless = 0 if follower.folded_to > before else fruitless + 1
+                log.log(
+                    level,
+                    "log follower of search %s: %s after stream seq %d; following again from it",
+                    *(follower.search_id, why, follower.folded_to),
+                )
+                try:
+                    if fruitless >= REOPENS:  # never seen: the next `_reach` starts again
+                        raise RuntimeError(f"{fruitless} consumers in a row folded nothing")
+                    delivery, sub, name = await self._open(follower)
+                except Exception as exc:  # the broker away: the next `_reach` starts again
+                    log.warning("log follower of search %s stopped: %r", follower.search_id, exc)
+                    return
+        except Exception as exc:
+            self._fail(follower, exc)
+        finally:
+            if follower.task is asyncio.current_task():
+                follower.task = None
 
-            follower.sub = await self.bus.js.subscribe(
-                follower.subject,
-                stream=self.bus.settings.stream,
-                cb=on_message,
-                ordered_consumer=True,
-                config=api.ConsumerConfig(
-                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=follower.folded_to + 1,
-                ),
-            )
+    async def _fold_delivered(
+        self, follower: _Follower, delivery: _Followed, sub: Any
+    ) -> tuple[int, str]:
+        """Fold the entries `delivery` brings, in order, until one is missing or nothing at
+        all (not even a heartbeat) came for `SILENT_S`; why it ended (a log level, a line)."""
+        while True:
+            if delivery.ready:
+                msg = delivery.ready.popleft()
+                delivery.taken += 1
+                if delivery.flow_reply is not None:
+                    await delivery.answer_flow_control(self.bus.nc)
+                await self._fold_message(follower, msg)
+                continue
+            if delivery.broken or delivery.dropped_by(sub):  # by a full subscription, or unsent
+                return logging.WARNING, "an entry went missing"
+            await delivery.answer_flow_control(self.bus.nc)
+            delivery.arrived.clear()
+            try:
+                async with asyncio.timeout(SILENT_S):
+                    await delivery.arrived.wait()
+            except TimeoutError:  # deleted, or the broker restarted
+                return logging.INFO, "its consumer fell silent"
 
-    async def _fold_delivered(self, follower: _Follower, generation: int, msg: Any) -> None:
+    async def _fold_message(self, follower: _Follower, msg: Any) -> None:
         seq = msg.metadata.sequence.stream
         async with follower.lock:
-            if generation != follower.generation or seq <= follower.folded_to:
-                return  # from a stopped subscription, or folded already (read directly)
+            if seq <= follower.folded_to:
+                return  # folded already (read directly)
             entry = await self.bus.read(msg.subject, msg.data, seq, msg.headers or {})
             self._fold(follower, seq, entry)
 
@@ -259,15 +342,12 @@ class LogFollowers(Generic[F]):
             await self._stop(follower)  # restarted after `target` when next needed
 
     def _fail(self, follower: _Follower, exc: BaseException) -> None:
+        """Called by the follower's own task, which then ends (closing its consumer)."""
         log.error("log follower of search %s failed: %r", follower.search_id, exc)
         follower.failed = exc
         self._reject_waiters(follower, FollowerFailed(f"search {follower.search_id}: {exc!r}"))
         if self._followers.get(follower.search_id) is follower:
             del self._followers[follower.search_id]
-        # Not awaited here: called from the subscription's own callback, which it cancels.
-        task = asyncio.create_task(self._stop(follower))
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
 
     def _reject_waiters(self, follower: _Follower, exc: Exception) -> None:
         for _target, waiter in follower.waiters:
@@ -278,18 +358,12 @@ class LogFollowers(Generic[F]):
     # ------------------------------------------------------------------ closing
 
     async def _stop(self, follower: _Follower) -> None:
-        follower.generation += 1
-        sub, follower.sub = follower.sub, None
-        if sub is None:
+        """End the follower's task; its consumer is deleted on the way out."""
+        task, follower.task = follower.task, None
+        if task is None or task is asyncio.current_task():
             return
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-        # Ephemeral push consumers also go once nobody listens; deleting frees it at once.
-        # `_consumer` follows the ordered consumer's re-creations (nats-py keeps it there).
-        name = getattr(sub, "_consumer", None)
-        if name and not self.bus.nc.is_closed:
-            with contextlib.suppress(Exception):
-                await self.bus.js.delete_consumer(self.bus.settings.stream, name)
+        task.cancel()
+        await asyncio.wait([task])  # not `await task`: its cancellation is not the caller's
 
     async def _drop(self, follower: _Follower) -> None:
         if self._followers.get(follower.search_id) is follower:

@@ -26,25 +26,12 @@ from groundloop.api.store import (
     ProcessedEvent,
     RunRow,
     make_engine,
-    reset_tables,
     table_snapshot,
 )
 from groundloop.bus import Bus
+from tests.projections import STORY, apply_each, fresh_engine
 from tests.search_story import search_story
 from tests.waiting import eventually
-
-STORY = search_story("s1") + search_story("s2", generations=2, ideas_per_generation=8, seed=3)
-
-
-def fresh_engine(url: str = "sqlite://"):
-    engine = make_engine(url)
-    reset_tables(engine)
-    return engine
-
-
-def apply_each(engine, events) -> list[bool]:
-    with Session(engine) as session:
-        return [apply(session, e) for e in events]
 
 
 def reference_tables():

@@ -17,21 +17,7 @@ from sqlmodel import Session
 from groundloop import events as ev
 from groundloop.api.projector import apply, project_all
 from groundloop.api.store import PROJECTION_TABLES, make_engine, reset_tables, table_snapshot
-from tests.search_story import search_story
-
-STORY = search_story("s1") + search_story("s2", generations=2, ideas_per_generation=8, seed=3)
-
-
-def fresh_engine(url: str = "sqlite://"):
-    engine = make_engine(url)
-    reset_tables(engine)
-    return engine
-
-
-def apply_each(engine, events) -> list[bool]:
-    with Session(engine) as session:
-        return [apply(session, e) for e in events]
-
+from tests.projections import STORY, apply_each, fresh_engine
 
 REFERENCE = (lambda engine: (project_all(engine, STORY), table_snapshot(engine))[1])(fresh_engine())
 

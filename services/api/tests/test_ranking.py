@@ -5,7 +5,6 @@ excluded, and the order right for metrics minimised and maximised."""
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlmodel import Session
@@ -18,6 +17,7 @@ from groundloop.api.store import IdeaRow, make_engine, reset_tables, table_snaps
 from groundloop.manifest import Metric
 from groundloop.ranking import RunResult
 from tests import factories as f
+from tests.random_searches import random_search
 
 
 def result(idea: str | None, score: float, *, purpose: str = "search", at: int = 0, **kw):
@@ -125,57 +125,6 @@ def test_the_projection_folds_search_split_means_in_any_order():
 
 # --- api.ranking.leader: the leaderboard's first line without loading every run ---
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-# Few distinct values so that means tie; the huge pair cancels so that a database AVG summed
-# in arrival order (SQLite's: 0) differs from ranking.mean's (1/3 for 1e16, 1, -1e16).
-SCORES = [0.1, 0.2, 0.3, 0.5, 1.0, 1e16, -1e16]
-
-
-def _random_search(rng: random.Random, search_id: str, direction: str) -> list[ev.Event]:
-    """Ideas (some of mode baseline) with several runs each: succeeded, failed, final
-    re-evaluations, the unpatched baseline's, runs still running, on a metric of `direction`."""
-    metric = Metric(name="m", direction=direction, reward="x" if direction == "maximize" else "-x")  # type: ignore[arg-type]
-    ideas = [
-        f.idea_proposed(search_id, n, title=f"{search_id} idea {n}", mode=rng.choice(MODES))
-        for n in range(rng.randint(1, 6))
-    ]
-    out: list[ev.Event] = [f.search_started(search_id), *ideas]
-    for n in range(rng.randint(0, 40)):
-        idea = rng.choice([*ideas, None])
-        purpose = "baseline" if idea is None else rng.choice(["search", "search", "reeval"])
-        run_id = f"{search_id}-run-{rng.randrange(10**6):06d}-{n}"
-        if rng.random() < 0.1:  # started, not completed
-            out.append(
-                ev.RunStarted(
-                    search_id=search_id,
-                    producer="runner",
-                    run_id=run_id,
-                    idea_id=idea and idea.idea_id,
-                    runner_id="r1",
-                    host="h",
-                    seed=n,
-                )
-            )
-            continue
-        status = rng.choice(["succeeded", "succeeded", "succeeded", "failed", "timed_out"])
-        # A failed run may still carry a number (a partial evaluation): it never counts.
-        score = rng.choice(SCORES) if status == "succeeded" or rng.random() < 0.5 else None
-        completed = f.run_result(
-            search_id,
-            run_id,
-            status=status,
-            score=score,
-            reward=metric.to_reward(score) if score is not None else None,
-            purpose=purpose,
-            idea_id=idea and idea.idea_id,
-        )
-        # Equal completion times too: the baseline's order then falls to the run id.
-        out.append(completed.model_copy(update={"occurred_at": T0 + timedelta(rng.randint(0, 5))}))
-    return out
-
-
-MODES = ["fresh", "fresh", "exploit", "baseline"]
-
 
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
 def test_leader_is_the_leaderboards_first_line(direction, db_url):
@@ -186,7 +135,7 @@ def test_leader_is_the_leaderboards_first_line(direction, db_url):
     searches = [f"s{n}" for n in range(60)]
     engine = make_engine(db_url)
     reset_tables(engine)
-    project_all(engine, [e for s in searches for e in _random_search(rng, s, direction)])
+    project_all(engine, [e for s in searches for e in random_search(rng, s, direction)])
     leaders = set()
     with Session(engine) as session:
         for search_id in searches:

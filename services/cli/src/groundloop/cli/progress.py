@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 
 from groundloop.api import ranking
 from groundloop.api.store import IdeaRow, PatchRow, RunRow, SearchRow, create_tables, make_engine
-from groundloop.api.usage import model_usage
+from groundloop.api.usage import ModelUsage, model_usage
 from groundloop.bus import Bus
 from groundloop.settings import Settings
 
@@ -31,20 +31,13 @@ def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], S
     Aggregates in the database: it runs every few seconds all search long, so its cost must
     not grow with the Python objects of every run."""
     search = session.get(SearchRow, search_id)
-    ideas = session.exec(
-        select(func.count()).select_from(IdeaRow).where(IdeaRow.search_id == search_id)
-    ).one()
-    patched = session.exec(
-        select(func.count()).select_from(PatchRow).where(PatchRow.search_id == search_id)
-    ).one()
+    ideas, patched = idea_counts(session, search_id)
     done, in_flight = session.exec(
         select(
             func.count(col(RunRow.completed_at)),
             func.coalesce(func.sum(case((col(RunRow.status) == "running", 1), else_=0)), 0),
         ).where(RunRow.search_id == search_id)
     ).one()
-    usage = model_usage(session, search_id)
-    cost, tokens = usage.cost_usd, usage.input_tokens + usage.output_tokens
     # The leader by groundloop.ranking: its mean over search-split runs, final runs excluded.
     best = ranking.leader(session, search_id, include_baseline=False)
     baseline = ranking.search_baseline_scores(session, search_id)
@@ -54,6 +47,33 @@ def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], S
     return [
         ("search", search_id),
         ("generation", "baseline" if generation is None else str(generation)),
+        *shown(ideas, patched, done, in_flight, baseline, best, model_usage(session, search_id)),
+    ], search
+
+
+def idea_counts(session: Session, search_id: str) -> tuple[int, int]:
+    """How many ideas the search has, and how many of them were patched."""
+    ideas = session.exec(
+        select(func.count()).select_from(IdeaRow).where(IdeaRow.search_id == search_id)
+    ).one()
+    patched = session.exec(
+        select(func.count()).select_from(PatchRow).where(PatchRow.search_id == search_id)
+    ).one()
+    return ideas, patched
+
+
+def shown(
+    ideas: int,
+    patched: int,
+    done: int,
+    in_flight: int,
+    baseline: list[float],
+    best: ranking.Entry | None,
+    usage: ModelUsage,
+) -> list[tuple[str, str]]:
+    """The display's rows after the search and its generation."""
+    tokens = usage.input_tokens + usage.output_tokens
+    return [
         ("ideas / patched", f"{ideas} / {patched}"),
         ("runs done / in flight", f"{done} / {in_flight}"),
         ("baseline (search split)", ", ".join(f"{s:.4g}" for s in baseline) or "measuring"),
@@ -64,8 +84,8 @@ def progress(session: Session, search_id: str) -> tuple[list[tuple[str, str]], S
             if best
             else "-",
         ),
-        ("model tokens / cost", f"{tokens:,} / ${cost:.4f}"),
-    ], search
+        ("model tokens / cost", f"{tokens:,} / ${usage.cost_usd:.4f}"),
+    ]
 
 
 def _poll(

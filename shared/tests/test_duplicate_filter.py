@@ -110,16 +110,20 @@ def test_an_edited_long_idea_is_caught_by_text_similarity_alone():
 
 
 def test_lcs_length_matches_dynamic_programming():
-    from groundloop.llm.idea_parsing import _lcs_length
+    from groundloop.llm.idea_parsing import _lcs_length, _lcs_masks
 
     rng = random.Random(3)
     for _ in range(200):
-        a = "".join(rng.choice("abc ") for _ in range(rng.randrange(0, 30)))
-        b = "".join(rng.choice("abcd") for _ in range(rng.randrange(0, 30)))
+        a = "".join(rng.choice("abc ") for _ in range(rng.randrange(0, 90)))
+        b = "".join(rng.choice("abcd") for _ in range(rng.randrange(0, 90)))
         table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
         for i, x in enumerate(a):
             for j, y in enumerate(b):
                 table[i + 1][j + 1] = (
                     table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
                 )
-        assert _lcs_length(a, b) == table[-1][-1], (a, b)
+        lcs = table[-1][-1]
+        assert _lcs_length(a, _lcs_masks(b), len(b)) == lcs, (a, b)
+        # Asked for at least k, it may stop early, but only when the answer is below k.
+        k = rng.randrange(0, 32)
+        assert (_lcs_length(a, _lcs_masks(b), len(b), at_least=k) >= k) == (lcs >= k), (a, b, k)

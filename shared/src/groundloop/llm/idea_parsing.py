@@ -328,13 +328,21 @@ class DuplicateFilter:
             self.add(text)
 
     def _bits(self, keys: Iterable[object]) -> int:
-        bits = 0
+        """The bitset of `keys`' ids, built in one byte array: or-ing `1 << id` per key cost
+        a big integer as wide as the filter's id count per key."""
+        ids = self._ids
+        indices = []
         for key in keys:
-            index = self._ids.get(key)
+            index = ids.get(key)
             if index is None:
-                index = self._ids[key] = len(self._ids)
-            bits |= 1 << index
-        return bits
+                index = ids[key] = len(ids)
+            indices.append(index)
+        if not indices:
+            return 0
+        packed = bytearray(max(indices) // 8 + 1)
+        for index in indices:
+            packed[index >> 3] |= 1 << (index & 7)
+        return int.from_bytes(packed, "little")
 
     def _features(self, norm: str) -> tuple[str, int, int, int, int]:
         grams = [norm[i : i + self.GRAM] for i in range(len(norm) - self.GRAM + 1)]

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from groundloop.llm.idea_parsing import DuplicateFilter, normalise
+from groundloop.llm.duplicates import DuplicateFilter, normalise
 
 WORDS = (
     "learning rate schedule warmup cosine decay momentum width batch gradient clipping weight "
@@ -110,7 +110,7 @@ def test_an_edited_long_idea_is_caught_by_text_similarity_alone():
 
 
 def test_lcs_length_matches_dynamic_programming():
-    from groundloop.llm.idea_parsing import _lcs_length, _lcs_masks
+    from groundloop.llm.duplicates import _lcs_length, _lcs_masks
 
     rng = random.Random(3)
     for _ in range(200):

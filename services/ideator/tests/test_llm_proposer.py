@@ -12,7 +12,8 @@ from groundloop.execution.environment import Environment
 from groundloop.ideator.history import SearchHistory
 from groundloop.ideator.service import IdeatorDeps, propose, split_usage
 from groundloop.llm.client import ClientCache, LLMSettings, MissingAPIKey
-from groundloop.llm.idea_parsing import DuplicateFilter, parse_ideas
+from groundloop.llm.duplicates import DuplicateFilter
+from groundloop.llm.idea_parsing import parse_ideas
 from groundloop.llm.pricing import add_usage
 from tests.factories import generation_advanced as advanced
 from tests.factories import idea_proposed, run_of_idea, run_result, search_started_in

@@ -25,8 +25,9 @@ from groundloop.ideator.generation import (
 )
 from groundloop.ideator.history import IdeaRecord, SearchHistory
 from groundloop.llm.client import LLMClient
+from groundloop.llm.duplicates import DuplicateFilter
 from groundloop.llm.errors import DollarBudgetSpent
-from groundloop.llm.idea_parsing import DuplicateFilter, ParsedIdea, parse_ideas_report
+from groundloop.llm.idea_parsing import ParsedIdea, parse_ideas_report
 from groundloop.llm.idea_prompts import SYSTEM, build_prompt, idea_schema, prompt_digest
 from groundloop.llm.pricing import add_usage, check_dollar_budget
 
@@ -131,7 +132,11 @@ def propose_llm(
 ) -> Generated:
     settings, history = started.proposer, deps.history
     client = deps.llm(settings.model, started.price_table or None)  # type: ignore[arg-type]
-    seen = DuplicateFilter((r.text for r in history.proposed()), deps.duplicate_threshold)
+    texts = [r.text for r in history.proposed()]
+    if deps.seen_ideas is not None:
+        seen = deps.seen_ideas.filter(history.search_id, texts, deps.duplicate_threshold)
+    else:
+        seen = DuplicateFilter(texts, deps.duplicate_threshold)
     round_ = _Round(event, client, seen, Generated())
     description = env.describe_for_prompt()
     written_before = [r.title for r in history.ideas.values() if r.generation == event.generation]

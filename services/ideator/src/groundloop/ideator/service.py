@@ -57,7 +57,7 @@ from groundloop.ideator.endings import LLM_STOPS, search_stopped, shortfall_reas
 from groundloop.ideator.generation import PRODUCER as PRODUCER
 from groundloop.ideator.generation import Generated as Generated
 from groundloop.ideator.generation import IdeatorDeps as IdeatorDeps
-from groundloop.ideator.generation import idea_event, open_slots, plan_slots, stream
+from groundloop.ideator.generation import SeenIdeas, idea_event, open_slots, plan_slots, stream
 from groundloop.ideator.history import SearchHistory
 from groundloop.ideator.knobs import KnobProposer
 from groundloop.ideator.llm_proposer import propose_llm
@@ -210,6 +210,7 @@ class IdeatorContext:
     def __init__(self, bus: Bus, settings: Settings, clients: ClientCache):
         self.bus, self.settings, self.clients = bus, settings, clients
         self.logs = LogFollowers(bus, FittingLog)
+        self.seen_ideas = SeenIdeas()
 
     def environment(self, name: str) -> Environment:
         return Environment.load(name, self.settings.environments_dir)
@@ -258,6 +259,7 @@ async def on_generation(event: Event, delivery: Delivery, ctx: IdeatorContext) -
         ideator_calls=sum(e.usage.calls for e in ideas),
         ideator_usd=sum(e.usage.cost_usd for e in ideas),
         emit=emit,
+        seen_ideas=ctx.seen_ideas,
     )
     try:
         async with delivery.heartbeat():

@@ -143,6 +143,7 @@ class _LiveRows:
         self.driver = conn.connection.dbapi_connection
         self.info = conn.connection.info
         self.state: tuple[object, ...] | None = None
+        self.versions: tuple[object, ...] | None = None  # None: rows are never kept
         # Taken out of the info, so that no other user of the connection shares the rows.
         kept = self.info.pop(self._INFO_KEY, None)
         if conn.dialect.name != "sqlite" or self.driver is None:
@@ -165,7 +166,7 @@ class _LiveRows:
     def written(self) -> None:
         """The rows are flushed: what the database will hold once committed (this connection's
         own commit changes neither data_version nor total_changes)."""
-        if self.driver is not None and self.rows.conn.dialect.name == "sqlite":
+        if self.versions is not None:
             self.state = (self.driver, self.versions, self._changes())
 
     def keep(self) -> None:

@@ -43,9 +43,10 @@ def _command(command: list[str]) -> list[str]:
 
 
 def check_compiles(workspace: Path, files: list[str]) -> PreflightCheck:
-    readers = ((rel, (workspace / rel).read_text) for rel in files)
     return _compiles(
-        (rel, read) for rel, read in readers if rel.endswith(".py") and (workspace / rel).is_file()
+        (rel, (workspace / rel).read_text)
+        for rel in files
+        if rel.endswith(".py") and (workspace / rel).is_file()
     )
 
 

@@ -64,6 +64,29 @@ def search_started_in(
     )
 
 
+def requested_search(
+    env: Environment, search_id: str = "s1", **overrides: object
+) -> ev.SearchStarted:
+    """A SearchStarted as the CLI and the API build it from a request
+    (`search_request.search_started_event`), for a small knob-proposer search on `env`."""
+    from groundloop.search_request import search_started_event
+
+    request: dict[str, object] = {
+        "strategy": "evolution",
+        "generations": 2,
+        "ideas": 3,
+        "seed": 0,
+        "model": None,
+        "implementer_model": None,
+        "baseline_seeds": 1,
+        "final_top_k": 1,
+        "final_seeds": 1,
+        "deadline": 600.0,
+        "budgets": ev.Budgets(),
+    }
+    return search_started_event(search_id, env, **{**request, **overrides})  # type: ignore[arg-type]
+
+
 def generation_advanced(
     started: ev.SearchStarted, generation: int, plan: ev.GenerationPlan
 ) -> ev.GenerationAdvanced:

@@ -25,6 +25,7 @@ from groundloop.cli.embedded_roles import ROLE_PROCESSES, SEARCH_ROLES
 from groundloop.execution.environment import Environment
 from groundloop.permissions import Names
 from groundloop.settings import Settings
+from tests import factories
 from tests.fleet import decisions, log_in_data_dir
 from tests.paths import ENVIRONMENTS
 
@@ -165,26 +166,12 @@ def test_every_role_as_a_process_decides_what_the_in_process_roles_decide(
     """What benchmarks/pipeline.py --role-processes projector,evolver,... runs: run_search
     with every role a child process (of this test's process), each started through its
     own entry point with the search's settings."""
-    from groundloop.cli.search_job import default_slots, run_search, search_started_event
+    from groundloop.cli.search_job import default_slots, run_search
 
     settings = Settings(data_dir=tmp_path / "data", environments_dir=ENVIRONMENTS)
     env = Environment.load("synthetic", ENVIRONMENTS)
     # As the CLI builds it for SEARCH + SHAPE.
-    started = search_started_event(
-        "rp",
-        env,
-        strategy="evolution",
-        generations=2,
-        ideas=3,
-        seed=0,
-        model=None,
-        implementer_model=None,
-        baseline_seeds=1,
-        final_top_k=1,
-        final_seeds=1,
-        deadline=600.0,
-        budgets=ev.Budgets(),
-    )
+    started = factories.requested_search(env, "rp")
 
     async def search(live: Settings) -> None:
         report = await run_search(

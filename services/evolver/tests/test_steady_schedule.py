@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from groundloop import search_request
 from groundloop.events import GenerationAdvanced, RunCompleted, RunRequested, SearchStarted
 from groundloop.evolver.service import handle
+from tests import factories
 from tests.evolver_world import World, search_started
 from tests.paths import ENVIRONMENTS
 
@@ -141,21 +141,9 @@ def test_a_replayed_steady_search_decides_the_same() -> None:
 def request(strategy: str, schedule: str) -> None:
     from groundloop.execution.environment import Environment
 
-    search_request.search_started_event(
-        "s",
-        Environment.load("synthetic", ENVIRONMENTS),
-        strategy=strategy,
-        generations=2,
-        ideas=2,
-        seed=0,
-        model=None,
-        implementer_model=None,
-        baseline_seeds=1,
-        final_top_k=1,
-        final_seeds=1,
-        budgets=search_started().config.budgets,
-        deadline=None,
-        schedule=schedule,
+    env = Environment.load("synthetic", ENVIRONMENTS)
+    factories.requested_search(
+        env, "s", strategy=strategy, ideas=2, deadline=None, schedule=schedule
     )
 
 

@@ -323,7 +323,8 @@ async def bench(args: argparse.Namespace) -> dict:
     statuses: dict[str, int] = {}
     for _, e in search:
         statuses[e.status] = statuses.get(e.status, 0) + 1
-    busy = sum(e.wall_seconds for _, e in clock.completed)
+    walls = sorted(e.wall_seconds for _, e in clock.completed)
+    busy = sum(walls)
     span = (clock.completed[-1][0] - clock.started[0]) if clock.completed and clock.started else 0.0
     result = {
         "proposer": args.proposer,
@@ -340,6 +341,9 @@ async def bench(args: argparse.Namespace) -> dict:
         "rate_last": window_rate(times[-WINDOW:]),
         "utilisation": busy / (args.slots * span) if span else 0.0,
         "idle_slot_s": idle_slot_seconds(clock, args.slots, span, busy),
+        "run_wall_p50_p95_s": [walls[len(walls) // 2], walls[int(len(walls) * 0.95)]]
+        if walls
+        else [],
         # The launcher's CPU is read at the end, not per candidate: spread evenly.
         "cpu_per_candidate_s": (clock.cpu_at[-1] - cpu0 + launcher) / n if n else None,
         "launcher_cpu_s": launcher,
@@ -386,6 +390,8 @@ def show(r: dict) -> None:
         f"  idle slot-seconds         : ramp-up {idle.get('ramp_up', 0):.1f}, drain "
         f"{idle.get('drain', 0):.1f}, between runs {idle.get('between_runs', 0):.1f} "
         f"({1000 * idle.get('per_run', 0):.0f} ms per run)\n"
+        f"  run wall, p50 / p95       : "
+        f"{' / '.join(f'{1000 * w:.0f} ms' for w in r['run_wall_p50_p95_s'])}\n"
         f"  orchestration CPU/cand.   : {r['cpu_per_candidate_s']:.4f} s  (goal <= 0.03; this "
         f"process and the role processes; {r['cpu_total_s']:.1f} s in all, "
         f"{r['role_processes_cpu_s']:.1f} s of it in role processes)\n"

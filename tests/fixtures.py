@@ -10,6 +10,7 @@ tests that build their own settings) are let in as the operator.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,11 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory):
 def settings(nats_server: NatsServer, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
     """Settings pointing at the module's broker, with names unique to this test so tests in
     one module never see each other's streams or consumers, and the broker's credentials."""
-    tag = "".join(ch if ch.isalnum() else "_" for ch in request.node.name)[:40].upper()
+    # Cut to a length the names allow, with a digest of the whole name: parametrized tests
+    # share a long prefix, and cut alone they got the same stream.
+    name = request.node.name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    tag = ("".join(ch if ch.isalnum() else "_" for ch in name)[:31] + "_" + digest).upper()
     settings = Settings(
         nats_url=nats_server.url,
         nats_credentials_dir=nats_server.credentials,

@@ -146,7 +146,7 @@ async def test_entries_dropped_by_a_full_subscription_are_delivered_again(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ):
     bus = await Bus.connect(settings, "t")
-    events = one_search("fp", ideas=60)
+    events = one_search("fp", ideas=15)
     seqs = await publish_all(bus, events)
     followers = LogFollowers(bus, Recorded, **TINY_PENDING)
 

@@ -14,7 +14,7 @@ from groundloop.api.rebuild import rebuild
 from groundloop.api.store import create_tables, make_engine, table_snapshot
 from groundloop.bus import MAX_EVENT_BYTES, Bus
 from groundloop.consumer import Delivery, consume
-from groundloop.quarantine import Quarantined
+from groundloop.quarantine import Quarantined, read_entry
 from groundloop.settings import Settings
 from tests.factories import one_search
 from tests.waiting import eventually
@@ -116,3 +116,25 @@ async def test_every_reader_skips_garbage_and_quarantines_it_once(
 async def _enough(letters_coro, count: int):
     letters = await letters_coro
     return letters if len(letters) >= count else None
+
+
+def test_one_reading_per_entry_is_shared_and_keyed_by_subject_and_bytes() -> None:
+    """Readers of one process share a reading of the same stored bytes on the same subject
+    (the same frozen event); a different subject or a changed byte is read afresh, and each
+    kind of garbage gets its own verdict whether it is read first or again."""
+    prefix = "gl"
+    valid = one_search(SEARCH, ideas=1)
+    for event in valid:
+        subject = event.subject(prefix)
+        body = ev.encode(event)
+        first, again = (
+            read_entry(prefix, subject, body),
+            read_entry(prefix, subject, bytes(bytearray(body))),
+        )
+        assert first == event and again is first
+        elsewhere = subject.replace(f".{SEARCH}.", ".elsewhere.", 1)
+        assert "a subject of search 'elsewhere'" in read_entry(prefix, elsewhere, body)
+        changed = body.replace(event.event_id.encode(), b"x" * len(event.event_id), 1)
+        assert read_entry(prefix, subject, changed).event_id == "x" * len(event.event_id)
+    for subject, body, reason in garbage(prefix, valid) * 2:
+        assert reason in read_entry(prefix, subject, body)

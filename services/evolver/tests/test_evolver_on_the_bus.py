@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from groundloop.events import (
     Event,
     GenerationAdvanced,
@@ -20,10 +22,14 @@ from tests.evolver_world import (
 # ---------------------------------------------------------------------------- on the bus
 
 
-async def test_two_replicas_and_a_restart_on_a_real_broker(settings) -> None:
+@pytest.mark.parametrize("consumer_lost", [False, True])
+async def test_two_replicas_and_a_restart_on_a_real_broker(settings, consumer_lost) -> None:
     """run() wiring: two evolver replicas share the durable consumer (each folds what the
     other consumed), are stopped after generation 1 opens, and a fresh one rebuilds from the
-    log and finishes; every generation is advanced exactly once."""
+    log and finishes; every generation is advanced exactly once. With `consumer_lost` the
+    durable consumer is deleted before the restart, so every event so far is delivered again
+    as new (as if every ack had been lost): the evolver keeps no processed-events marks, and
+    handling an event it already folded and decided on must change nothing."""
     import asyncio
 
     from groundloop.bus import Bus
@@ -63,6 +69,8 @@ async def test_two_replicas_and_a_restart_on_a_real_broker(settings) -> None:
         await asyncio.wait_for(seen["GenerationAdvanced.1"].wait(), 60)
         stop_first.set()
         await asyncio.wait_for(asyncio.gather(*tasks[1:]), 30)
+        if consumer_lost:
+            await bus.js.delete_consumer(settings.stream, "evolver")
         restarted = replica()
         tasks.append(asyncio.create_task(run(settings, stop_second, tick_s=0.2, deps=restarted)))
         await asyncio.wait_for(seen["SearchCompleted"].wait(), 60)
@@ -78,6 +86,7 @@ async def test_two_replicas_and_a_restart_on_a_real_broker(settings) -> None:
     )  # baseline (7, 8) + top 2 × seeds 7, 8
     (done,) = [e for e in log if isinstance(e, SearchCompleted)]
     assert len(done.final) == 2 and all(len(f.scores) == 2 for f in done.final)
+    assert await bus.dead_letters("evolver") == []
     # The restarted replica folded the log to its end: the search ended, so its state is gone.
     assert SearchState.fold(log).ended and SEARCH in restarted.ended
     assert SEARCH not in restarted.states

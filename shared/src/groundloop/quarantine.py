@@ -10,6 +10,7 @@ skips it: garbage never stops a reader and never reaches a decision.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from groundloop.events import Event, InvalidEvent, decode
@@ -33,6 +34,12 @@ class Quarantined:
 
 def read_entry(prefix: str, subject: str, data: bytes) -> Event | str:
     """The event stored as `data` on `subject`, or the reason it is not a valid entry."""
+    if type(data) is bytes and len(data) <= MEMO_BYTES:
+        return _read_entry_memo(prefix, subject, data)
+    return _read_entry(prefix, subject, data)
+
+
+def _read_entry(prefix: str, subject: str, data: bytes) -> Event | str:
     if len(data) > MAX_EVENT_BYTES:
         return (
             f"event body is {len(data):,} bytes, over the {MAX_EVENT_BYTES:,}-byte limit; "
@@ -43,6 +50,16 @@ def read_entry(prefix: str, subject: str, data: bytes) -> Event | str:
     except InvalidEvent as exc:
         return str(exc)
     return subject_mismatch(prefix, subject, event) or event
+
+
+# One entry is read by every reader of a process that folds it: an embedded search read each
+# entry ~5 times (28 readings per candidate, consumers and log followers), each a JSON parse
+# and a validation. The reading is a pure function of (prefix, subject, bytes) and events are
+# frozen, so the readers of a process share one. Bounded: entries up to MEMO_BYTES (events
+# are a few KB), the MEMO_ENTRIES most recently read (readers of an entry come within moments).
+MEMO_BYTES = 16 * 1024
+MEMO_ENTRIES = 1024
+_read_entry_memo = functools.lru_cache(maxsize=MEMO_ENTRIES)(_read_entry)
 
 
 def subject_mismatch(prefix: str, subject: str, event: Event) -> str | None:

@@ -270,13 +270,20 @@ def role(*, tick_s: float = 1.0, deps: Deps | None = None) -> Role[EvolverLoop]:
     async def on_event(event: Event, delivery: Delivery, loop: EvolverLoop) -> list[Event]:
         return await loop.on_event(event, delivery)
 
-    # history=True: copied (forked/imported) events are part of the state it decides on
+    # history=True: copied (forked/imported) events are part of the state it decides on.
+    # dedupe=False: a redelivered event needs no processed-events mark to be harmless here.
+    # Folding is idempotent (SearchState keeps the event ids it applied, SearchIndex the
+    # first sequence of each fact), and a decision is a function of the folded log whose
+    # outputs are written once (ids that name the decision, guarded subjects), as when a
+    # replica re-decides on what another was delivered. The marks cost two JetStream round
+    # trips per event, for four of the six marks a candidate made.
     return Role(
         name=PRODUCER,
         consumes=CONSUMED_TYPES,
         deps=context,
         handle=on_event,
         history=True,
+        dedupe=False,
     )
 
 

@@ -154,19 +154,33 @@ def _lcs_length(a: str, masks: dict[str, int], length_b: int, at_least: int = 0)
     """The length of the longest common subsequence of `a` and the text b of `masks`
     (`_lcs_masks(b)`, `length_b` = len(b)), bit-parallel (Crochemore et al. 2001): one pass
     over `a` with integer operations on len(b)-bit words, ~10x faster than difflib's ratio
-    on idea-sized texts. With `at_least`, it stops as soon as the part of `a` still unread
-    cannot lift the subsequence found so far to `at_least`, and returns that bound (below
-    `at_least`): most pairs that get this far fall short, and are seen to early."""
+    on idea-sized texts. With `at_least`, it stops as soon as the subsequence cannot reach
+    `at_least` and returns a bound below `at_least`: most pairs that get this far fall short.
+
+    The bound, after reading a[:i] with r = len(a) - i characters of `a` left: a common
+    subsequence splits where it passes a[:i], at some b[:j], so LCS <= max over j of
+    LCS(a[:i], b[:j]) + min(r, len(b) - j). LCS(a[:i], b[:j]) is the number of zero bits of
+    `row` below bit j, which grows by at most 1 per j, so the maximum is at j = len(b) - r:
+    matches in the last r characters of b count against the characters of `a` still to come.
+    (Bounding by LCS(a[:i], b) + r instead stopped late: a short prefix of an idea nearly
+    always embeds somewhere in another one over the same words.)"""
     full = (1 << length_b) - 1
     row = full
-    for start in range(0, len(a), 32):
-        for ch in a[start : start + 32]:
+    for start in range(0, len(a), CHECK_EVERY):
+        for ch in a[start : start + CHECK_EVERY]:
             matched = row & masks.get(ch, 0)
             row = ((row + matched) | (row - matched)) & full
-        bound = length_b - row.bit_count() + max(len(a) - start - 32, 0)
+        rest = max(len(a) - start - CHECK_EVERY, 0)
+        reach = length_b - rest  # the part of b the matches so far may use
+        if reach <= 0:
+            continue  # every character of b may still be matched: no bound below len(b)
+        bound = reach - (row & ((1 << reach) - 1)).bit_count() + rest
         if bound < at_least:
             return bound
     return length_b - row.bit_count()
+
+
+CHECK_EVERY = 32  # characters of `a` between looks at the bound (each look is 4 integer ops)
 
 
 def _unary(tag: str, items: Iterable[str]) -> Iterable[tuple[str, str, int]]:

@@ -37,10 +37,18 @@ class IdeaRecord:
     # (run id, score, reward) of each succeeded search-split run: what the idea is ranked by
     results: list[tuple[str, float, float]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # run statuses other than succeeded
+    _standing: tuple[tuple, ranking.Standing | None] = field(
+        default=((None,), None), init=False, repr=False, compare=False
+    )
 
     @property
     def standing(self) -> ranking.Standing | None:
-        return ranking.standing(self.idea_id, self.results)
+        # Every idea's standing is asked for each time the search is ranked (each generation,
+        # and again by mean_reward and outcome): computed once per distinct set of results.
+        results = tuple(self.results)
+        if self._standing[0] != results:
+            self._standing = (results, ranking.standing(self.idea_id, self.results))
+        return self._standing[1]
 
     @property
     def scores(self) -> list[float]:

@@ -261,6 +261,25 @@ async def test_a_search_survives_the_stream_leaders_node_being_killed(tmp_path: 
         cluster.stop()
 
 
+async def test_a_cluster_without_its_quorum_is_named(tmp_path: Path):
+    """With 2 of 3 nodes down JetStream answers nothing (or "temporarily unavailable"):
+    connecting says so in words, not a bare nats timeout, once its tries are spent, and leaves
+    no connection behind."""
+    cluster = start_cluster(tmp_path)
+    try:
+        settings = cluster_settings(cluster, tmp_path, "QUORUM")
+        cluster.kill(1)
+        cluster.kill(2)
+        with pytest.raises(BrokerUnavailable, match="did not answer while setting up") as said:
+            await Bus.connect(settings, "t", setup_tries=2)
+        assert "quorum" in str(said.value) and "/jsz" in str(said.value)
+        await eventually(
+            lambda: "t" not in connections_on(cluster, 0), timeout=5, what="the connection closed"
+        )
+    finally:
+        cluster.stop()
+
+
 async def test_every_store_is_kept_on_three_replicas(cluster: NatsCluster, tmp_path: Path):
     settings = cluster_settings(cluster, tmp_path, "R3")
     bus = await Bus.connect(settings, "t")

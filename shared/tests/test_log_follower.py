@@ -120,7 +120,7 @@ TINY_PENDING = {"pending_msgs": 4, "stall_s": 60.0}
 
 async def test_a_slow_fold_gets_every_entry_once_in_order_while_many_arrive(settings: Settings):
     bus = await Bus.connect(settings, "t")
-    events = one_search("fs", ideas=60)  # 243 entries, many times the pending limit
+    events = one_search("fs", ideas=15)  # 63 entries, many times the pending limit
     first = (await bus.publish(events[0])).seq
     followers = LogFollowers(bus, SlowRecorded, **TINY_PENDING)
     await followers.through("fs", first)

@@ -34,7 +34,6 @@ from nats.js.errors import (
     KeyNotFoundError,
     NoStreamResponseError,
     NotFoundError,
-    ServiceUnavailableError,
 )
 
 from groundloop import bus_setup, identity, telemetry
@@ -54,8 +53,6 @@ log = logging.getLogger(__name__)
 # that has just died is lost without an answer; waiting the full API timeout (10 s) for it
 # stalled every producer that long on a cluster failover. Resending is safe (Nats-Msg-Id).
 PUBLISH_ATTEMPT_S = 2.0
-JS_TIMEOUT_S = 10.0  # one JetStream API request
-SETUP_TRIES = 3  # of setting up the streams and buckets when JetStream does not answer
 _TRANSIENT = (
     NatsTimeout,
     asyncio.TimeoutError,
@@ -91,7 +88,7 @@ class Bus(LogReading, ArtifactStore):
         self.settings = settings
         self.names = Names.of(settings)
         self.nc = nc
-        self.js = nc.jetstream(timeout=JS_TIMEOUT_S)
+        self.js = nc.jetstream(timeout=bus_setup.JS_TIMEOUT_S)
         self.role = role
         self.signer = signer
         self.verifier = verifier
@@ -109,7 +106,7 @@ class Bus(LogReading, ArtifactStore):
         settings: Settings,
         name: str,
         connect_timeout: float = 5.0,
-        setup_tries: int = SETUP_TRIES,
+        setup_tries: int = bus_setup.SETUP_TRIES,
     ) -> Bus:
         if not settings.nats_url:
             raise BrokerUnavailable(
@@ -201,32 +198,12 @@ class Bus(LogReading, ArtifactStore):
             raise
         return bus
 
-    async def ensure(self, tries: int = SETUP_TRIES) -> None:
-        """Create or update the streams, the object store and the KV (`groundloop.bus_setup`).
-        Each step is create-or-update, so a step JetStream did not answer is asked again:
-        a cluster under load can take longer than one request's timeout to place a
-        replicated stream, and one that lost its quorum answers nothing until it is back."""
+    async def ensure(self, tries: int = bus_setup.SETUP_TRIES) -> None:
+        """Create or update the streams, the object store and the KV (`groundloop.bus_setup`)."""
         manages = self.signer is None or ROLES[self.role].manages
-        for attempt in range(1, tries + 1):
-            try:
-                stores = await bus_setup.ensure(self.js, self.settings, self.names, manages=manages)
-                break
-            except (NatsTimeout, ServiceUnavailableError):
-                if attempt == tries:
-                    raise BrokerUnavailable(
-                        f"JetStream at {self.settings.nats_url} did not answer while setting up "
-                        f"the log's streams and buckets ({tries} tries of up to {JS_TIMEOUT_S:g} s "
-                        "each; timed out or temporarily unavailable): a cluster that lost its quorum (fewer than half its nodes "
-                        "beyond one up), one still electing its leaders, or a server too "
-                        "loaded to answer; check the nodes (their /jsz monitoring page shows "
-                        "the meta leader) and start again"
-                    ) from None
-                log.warning(
-                    "JetStream did not answer setting up the streams (try %d of %d); asking again",
-                    attempt,
-                    tries,
-                )
-                await asyncio.sleep(1.0)  # "temporarily unavailable" comes back at once
+        stores = await bus_setup.ensure_asking_again(
+            self.js, self.settings, self.names, manages=manages, tries=tries
+        )
         self._objects, self._processed = stores.objects, stores.processed
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:

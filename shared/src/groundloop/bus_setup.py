@@ -12,13 +12,15 @@ limits, or its replica count when the setting changed; the others use it as it i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 
 from groundloop.permissions import Names
 from groundloop.settings import Settings
@@ -29,6 +31,8 @@ NOT_CLUSTERED = 10074  # "replicas > 1 not supported in non-clustered mode"
 NO_PEERS = 10005  # "no suitable peers for placement": fewer nodes up than replicas asked
 INSUFFICIENT_RESOURCES = 10023
 REPLICA_REFUSALS = (NOT_CLUSTERED, NO_PEERS, INSUFFICIENT_RESOURCES)
+JS_TIMEOUT_S = 10.0  # one JetStream API request
+SETUP_TRIES = 3  # of the whole set-up, when JetStream does not answer
 
 
 class BrokerUnavailable(RuntimeError):
@@ -51,6 +55,34 @@ def replicas_refused(what: str, replicas: int, exc: APIError) -> BrokerUnavailab
         f"JetStream cannot keep {replicas} copies of {what} ({exc.description}, "
         f"error {exc.err_code}): {broker}. Set GROUNDLOOP_STREAM_REPLICAS to at most the "
         "number of nodes (1 for a single server), or bring the missing nodes up"
+    )
+
+
+async def ensure_asking_again(
+    js: Any, settings: Settings, names: Names, *, manages: bool, tries: int = SETUP_TRIES
+) -> Stores:
+    """`ensure`, asked again when JetStream does not answer: every step is create-or-update,
+    so asking again is safe. A cluster under load can take longer than one request's timeout
+    to place a replicated stream; one that lost its quorum answers nothing (or "temporarily
+    unavailable") until it is back, and is then refused in words, not a bare timeout."""
+    for attempt in range(1, tries + 1):
+        try:
+            return await ensure(js, settings, names, manages=manages)
+        except (NatsTimeout, ServiceUnavailableError):
+            if attempt == tries:
+                break
+            log.warning(
+                "JetStream did not answer setting up the streams (try %d of %d); asking again",
+                attempt,
+                tries,
+            )
+            await asyncio.sleep(1.0)  # "temporarily unavailable" comes back at once
+    raise BrokerUnavailable(
+        f"JetStream at {settings.nats_url} did not answer while setting up the log's streams "
+        f"and buckets ({tries} tries, each timed out after {JS_TIMEOUT_S:g} s or said "
+        "'temporarily unavailable'): a cluster that lost its quorum (a majority of its nodes "
+        "down), one still electing its leaders, or a server too loaded to answer; check the "
+        "nodes (each one's /jsz monitoring page names the meta leader) and start again"
     )
 
 

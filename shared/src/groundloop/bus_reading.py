@@ -54,7 +54,7 @@ class ReplayStalled(RuntimeError):
     """The broker kept a read's consumer from delivering entries that are still stored."""
 
 
-class _Delivery:
+class PushDelivery:
     """What one push consumer delivered, checked to be in order, until the reader takes it;
     and the flow-control answer the broker waits for."""
 
@@ -96,6 +96,28 @@ class _Delivery:
         if self.flow_reply is not None and self.taken >= self.flow_after:
             reply, self.flow_reply = self.flow_reply, None
             await nc.publish(reply)
+
+    async def take(self, nc: Any) -> Msg:
+        """The next entry (`ready` must hold one); the flow-control answer the broker waits
+        for goes as soon as every entry delivered before it is taken."""
+        msg = self.ready.popleft()
+        self.taken += 1
+        if self.flow_reply is not None:
+            await self.answer_flow_control(nc)
+        return msg
+
+    async def wait(self, nc: Any, deadline: float) -> bool:
+        """With nothing ready: answer the flow control owed, then wait for the next delivery
+        (an entry, a heartbeat, a flow-control request) until `deadline` (the loop's clock);
+        False when nothing came by then."""
+        await self.answer_flow_control(nc)
+        self.arrived.clear()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.arrived.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 class LogReading:
@@ -208,16 +230,13 @@ class LogReading:
                     f"sequence {position} (of {start}..{last}) within {SILENT_S:.0f} s"
                 )
             fruitless += 1
-            delivery = _Delivery()
+            delivery = PushDelivery()
             sub, consumer = await self.open_push(subject, position, delivery)
             deadline, taken_by_deadline = loop.time() + SILENT_S, 0
             try:
                 while True:
                     if delivery.ready:
-                        msg = delivery.ready.popleft()
-                        delivery.taken += 1
-                        if delivery.flow_reply is not None:
-                            await delivery.answer_flow_control(self.nc)
+                        msg = await delivery.take(self.nc)
                         seq = msg.metadata.sequence.stream
                         if seq > last:
                             return
@@ -234,20 +253,15 @@ class LogReading:
                         if not position <= await self._first_seq_on(subject, position) <= last:
                             return
                         break  # there is: it was not delivered, a new consumer reads it
-                    await delivery.answer_flow_control(self.nc)
                     if delivery.taken != taken_by_deadline:  # heartbeats do not move it
                         deadline, taken_by_deadline = loop.time() + SILENT_S, delivery.taken
-                    delivery.arrived.clear()
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            await delivery.arrived.wait()
-                    except TimeoutError:
+                    if not await delivery.wait(self.nc, deadline):
                         break
             finally:
                 await self.close_push(sub, consumer)
 
     async def open_push(
-        self, subject: str, start: int, delivery: _Delivery, **limits: int
+        self, subject: str, start: int, delivery: PushDelivery, **limits: int
     ) -> tuple[Any, str]:
         """An ephemeral push consumer on `subject` from stream sequence `start`, delivering to
         a new inbox of this connection that feeds `delivery` (subscribed first, so nothing is

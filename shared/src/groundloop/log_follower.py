@@ -17,7 +17,7 @@ Not nats-py's ordered consumer: when its subscription's pending limits are excee
 fold, a replica catching up a big search) it drops entries after its order tracking has moved
 past them, so a fold missed them silently; and it answers the broker's "stalled" heartbeat at
 once, so a slow fold's buffer grew by a flow-control window per heartbeat. The follower takes
-the bulk reader's delivery (`bus_reading._Delivery`): entries checked to come in consumer
+the bulk reader's delivery (`bus_reading.PushDelivery`): entries checked to come in consumer
 order; one missing (dropped by the client, never sent) or the consumer silent for `SILENT_S`
 (deleted, the broker restarted) ends that consumer, and a new one starts from the first entry
 not folded. Flow control is answered once every entry delivered before it is taken, so a
@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from nats.js.errors import NotFoundError
 
-from groundloop.bus_reading import REOPENS, SILENT_S, _Delivery
+from groundloop.bus_reading import REOPENS, SILENT_S, PushDelivery
 from groundloop.events import Event, SearchCompleted, SearchStopped
 from groundloop.quarantine import Quarantined
 
@@ -77,7 +77,7 @@ class Fold(Protocol):
 F = TypeVar("F", bound=Fold, covariant=True)  # a fold of a subclass stands in for its base
 
 
-class _Followed(_Delivery):
+class _Followed(PushDelivery):
     """Counting what its callback got: nats-py counts a message dropped for a full subscription
     as delivered (`Subscription.delivered`), so a drop is seen at once, not at the next entry
     or heartbeat (a burst's tail dropped whole would cost a heartbeat per consumer)."""
@@ -296,23 +296,15 @@ class LogFollowers(Generic[F]):
     ) -> tuple[int, str]:
         """Fold the entries `delivery` brings, in order, until one is missing or nothing at
         all (not even a heartbeat) came for `SILENT_S`; why it ended (a log level, a line)."""
+        loop = asyncio.get_running_loop()
         while True:
             if delivery.ready:
-                msg = delivery.ready.popleft()
-                delivery.taken += 1
-                if delivery.flow_reply is not None:
-                    await delivery.answer_flow_control(self.bus.nc)
-                await self._fold_message(follower, msg)
+                await self._fold_message(follower, await delivery.take(self.bus.nc))
                 continue
             if delivery.broken or delivery.dropped_by(sub):  # by a full subscription, or unsent
                 return logging.WARNING, "an entry went missing"
-            await delivery.answer_flow_control(self.bus.nc)
-            delivery.arrived.clear()
-            try:
-                async with asyncio.timeout(SILENT_S):
-                    await delivery.arrived.wait()
-            except TimeoutError:  # deleted, or the broker restarted
-                return logging.INFO, "its consumer fell silent"
+            if not await delivery.wait(self.bus.nc, loop.time() + SILENT_S):
+                return logging.INFO, "its consumer fell silent"  # deleted, or broker restarted
 
     async def _fold_message(self, follower: _Follower, msg: Any) -> None:
         seq = msg.metadata.sequence.stream

@@ -213,11 +213,13 @@ class LogFollowers(Generic[F]):
             try:
                 await asyncio.wait_for(waiter, self.stall_s)
             except TimeoutError:
-                if follower.folded_to == progress:  # nothing came: read it directly
-                    await self._read_directly(follower, target)
+                pass
             finally:
                 with contextlib.suppress(ValueError):
                     follower.waiters.remove((target, waiter))
+            # Nothing came: stalled, or its follower stopped and woke the waiters at once.
+            if follower.folded_to == progress:
+                await self._read_directly(follower, target)
 
     def _advance(self, follower: _Follower, to: int) -> None:
         follower.folded_to = max(follower.folded_to, to)
@@ -284,6 +286,7 @@ class LogFollowers(Generic[F]):
                     delivery, sub, name = await self._open(follower)
                 except Exception as exc:  # the broker away: the next `_reach` starts again
                     log.warning("log follower of search %s stopped: %r", follower.search_id, exc)
+                    self._wake_waiters(follower)  # not left to wait `stall_s` for nothing
                     return
         except Exception as exc:
             self._fail(follower, exc)
@@ -340,6 +343,12 @@ class LogFollowers(Generic[F]):
         self._reject_waiters(follower, FollowerFailed(f"search {follower.search_id}: {exc!r}"))
         if self._followers.get(follower.search_id) is follower:
             del self._followers[follower.search_id]
+
+    def _wake_waiters(self, follower: _Follower) -> None:
+        for _target, waiter in follower.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        follower.waiters = []
 
     def _reject_waiters(self, follower: _Follower, exc: Exception) -> None:
         for _target, waiter in follower.waiters:

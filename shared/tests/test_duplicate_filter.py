@@ -109,23 +109,20 @@ def test_an_edited_long_idea_is_caught_by_text_similarity_alone():
     assert why == pairwise_reason([base], edited, 0.9)
 
 
-def test_lcs_length_matches_dynamic_programming():
-    from groundloop.llm.duplicates import _lcs_length, _lcs_masks
-
-    rng = random.Random(3)
-    for _ in range(200):
-        a = "".join(rng.choice("abc ") for _ in range(rng.randrange(0, 90)))
-        b = "".join(rng.choice("abcd") for _ in range(rng.randrange(0, 90)))
-        table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-        for i, x in enumerate(a):
-            for j, y in enumerate(b):
-                table[i + 1][j + 1] = (
-                    table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
-                )
-        lcs = table[-1][-1]
-        assert _lcs_length(a, _lcs_masks(b), len(b)) == lcs, (a, b)
-        # Asked for at least k, it may stop early, but only when the answer is below k, and
-        # then says a number below k; k near the answer is where a loose bound would err.
-        for k in {rng.randrange(0, 32), lcs - 1, lcs, lcs + 1, lcs + 5, len(a)}:
-            found = _lcs_length(a, _lcs_masks(b), len(b), at_least=k)
-            assert found == lcs if lcs >= k else found < k, (a, b, k)
+@pytest.mark.parametrize("threshold", [0.9, 0.75, 0.8, 2 / 3, 0.95])
+def test_a_pair_exactly_at_the_threshold_is_not_lost_to_rounding(threshold: float):
+    """The C bound is a float score (2 LCS / (la + lb), in percent): a pair whose difflib ratio
+    is the threshold itself must still reach difflib and be judged a duplicate."""
+    rng = random.Random(7)
+    at_threshold = 0
+    for n in range(10, 300, 2):
+        base = "".join(rng.choice("abcdefgh") for _ in range(n))  # one word: no word overlap
+        edited = list(base)
+        for place in rng.sample(range(n), round(n * (1 - threshold))):
+            edited[place] = "z"
+        text = "".join(edited)
+        expected = pairwise_reason([base], text, threshold)
+        assert DuplicateFilter([base], threshold=threshold).reason(text) == expected, n
+        matcher = difflib.SequenceMatcher(None, base, text, autojunk=False)
+        at_threshold += matcher.ratio() == threshold
+    assert at_threshold >= 5  # the boundary itself was tried, not only pairs near it

@@ -283,12 +283,16 @@ def implement(
                 edit_format=edit_format,
             )
 
+    if samples <= 1:  # nothing to race: no thread of its own (one per idea cost ~1 % CPU)
+        result = one(0)
+        passed = result.verdict is not None and result.verdict.passed
+        return (result if passed else None), [result]
     winner: SampleResult | None = None
     results: list[SampleResult] = []
     with ThreadPoolExecutor(
-        max_workers=max(samples, 1), thread_name_prefix="implementer-sample"
+        max_workers=samples, thread_name_prefix="implementer-sample"
     ) as pool:
-        for future in as_completed([pool.submit(one, i) for i in range(max(samples, 1))]):
+        for future in as_completed([pool.submit(one, i) for i in range(samples)]):
             result = future.result()
             results.append(result)
             if winner is None and result.verdict is not None and result.verdict.passed:

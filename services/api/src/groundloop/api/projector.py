@@ -48,7 +48,7 @@ from groundloop.search_index import SearchIndex
 
 ROLE = "projector"
 log = logging.getLogger(__name__)
-__all__ = ["FOLDS", "ROLE", "LogFold", "apply", "fold", "project_all"]
+__all__ = ["FOLDS", "ROLE", "LogFold", "apply", "apply_many", "fold", "project_all"]
 
 
 def _record_processed(
@@ -99,27 +99,47 @@ def _already_processed(conn: Connection, role: str, event_ids: list[str]) -> set
 def apply(session: Session, event: ev.Event, role: str = ROLE, seq: int | None = None) -> bool:
     """Fold `event` and record it as processed by `role`, in one transaction that this call
     commits (or rolls back, re-raising). False, changing nothing, if already processed."""
+    return apply_many(session, [(event, seq)], role)[0]
+
+
+def apply_many(
+    session: Session, entries: Sequence[tuple[ev.Event, int | None]], role: str = ROLE
+) -> list[bool]:
+    """`apply` for several (event, stream sequence) pairs in one transaction: one write lock,
+    one look-up of what was processed, one flush and commit (the live projector's events that
+    arrive together). Each pair's result is `apply`'s: False for an event already processed,
+    or a second copy of one in `entries`. Anything failing rolls back all of them and raises;
+    the caller then applies them one by one, so a bad event fails alone."""
     try:
         conn = session.connection()
         _lock_for_writing(conn)
-        if _already_processed(conn, role, [event.event_id]):
+        done = _already_processed(conn, role, [event.event_id for event, _ in entries])
+        if len(done) == len(entries):
             session.rollback()
-            return False
+            return [False] * len(entries)
         live = _LiveRows(conn)
-        at = as_utc(event.occurred_at)
-        fold(live.rows, event, at)
-        _record_processed(live.rows, role, event, seq, datetime.now(UTC), at)
+        now, applied = datetime.now(UTC), []
+        for event, seq in entries:
+            applied.append(event.event_id not in done)
+            if not applied[-1]:
+                continue
+            done.add(event.event_id)
+            at = as_utc(event.occurred_at)
+            fold(live.rows, event, at)
+            _record_processed(live.rows, role, event, seq, now, at)
         live.rows.flush()
         live.written()
         session.commit()
         live.keep()
-        return True
+        return applied
     except IntegrityError:
         session.rollback()
         # Another writer applied the same event concurrently: its transaction won.
-        if _already_processed(session.connection(), role, [event.event_id]):
+        if len(entries) == 1 and _already_processed(
+            session.connection(), role, [entries[0][0].event_id]
+        ):
             session.rollback()
-            return False
+            return [False]
         raise
     except BaseException:
         session.rollback()

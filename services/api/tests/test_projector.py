@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 
 from groundloop import events as ev
 from groundloop.api import service
-from groundloop.api.projector import FOLDS, apply, project_all
+from groundloop.api.projector import FOLDS, apply, apply_many, project_all
 from groundloop.api.store import (
     IdeaRow,
     ProcessedEvent,
@@ -287,6 +287,70 @@ def test_handle_applies_once_and_emits_nothing(tmp_path):
         assert service.handle(event, deps) == []
     snapshot = table_snapshot(deps.engine)
     assert len(snapshot["processed_events"]) == 20
+
+
+def test_events_applied_together_give_the_tables_of_one_by_one(db_url):
+    """apply_many: the same tables as `apply` per event; an event processed before, or a
+    second copy within the same call, is reported False and changes nothing."""
+    engine = fresh_engine(db_url)
+    flags = []
+    for start in range(0, len(STORY), 7):
+        chunk = [(event, None) for event in STORY[start : start + 7]]
+        again = STORY[max(start - 3, 0) : start]  # applied by the call before
+        entries = chunk + [(event, None) for event in again] + chunk[:1]
+        with Session(engine) as session:
+            flags.append(apply_many(session, entries))
+        assert flags[-1] == [True] * len(chunk) + [False] * (len(again) + 1)
+    assert table_snapshot(engine) == REFERENCE
+    with Session(engine) as session:
+        assert apply_many(session, [(event, None) for event in STORY[:5]]) == [False] * 5
+    engine.dispose()
+
+
+def test_a_batch_with_a_failing_event_folds_the_others_alone(tmp_path):
+    """One transaction for events that arrive together; when it fails, each is folded in its
+    own, so only the bad one fails (and is retried by the consumer), the others are kept."""
+    deps = service.ProjectorDeps(fresh_engine(f"sqlite:///{tmp_path / 'p.db'}"))
+    with deps.engine.begin() as conn:
+        conn.execute(text(FAIL_ON_INSERT["sqlite"][0].format(table="policies")))
+    policy = next(i for i, e in enumerate(STORY) if isinstance(e, ev.PolicyUpdated))
+    entries = [(event, seq) for seq, event in enumerate(STORY[: policy + 3], 1)]
+    outcomes = service.handle_batch(entries, deps)
+    assert [i for i, outcome in enumerate(outcomes) if outcome is not None] == [policy]
+    assert isinstance(outcomes[policy], DBAPIError)
+    projected = {row.event_id for row in _processed_rows(deps.engine)}
+    assert projected == {e.event_id for e, _ in entries} - {STORY[policy].event_id}
+    assert {row.stream_seq for row in _processed_rows(deps.engine)} == (
+        set(range(1, policy + 4)) - {policy + 1}
+    )
+    deps.engine.dispose()
+
+
+async def test_events_handed_in_together_are_folded_in_one_transaction(tmp_path):
+    engine = fresh_engine(f"sqlite:///{tmp_path / 'p.db'}")
+    batches = service.Batches(service.ProjectorDeps(engine))
+    await batches.fold(STORY[0], 1)  # alone: nothing else was waiting
+    await asyncio.gather(*(batches.fold(e, seq) for seq, e in enumerate(STORY[1:12], 2)))
+    rows = sorted(_processed_rows(engine), key=lambda row: row.stream_seq)
+    assert [row.stream_seq for row in rows] == list(range(1, 13))
+    assert rows[0].processed_at != rows[1].processed_at  # two transactions: 1, then 11
+    assert len({row.processed_at for row in rows[1:]}) == 1
+    reference = fresh_engine()
+    apply_each(reference, STORY[:12])
+    assert _without_processed_at(table_snapshot(engine)) == _without_processed_at(
+        table_snapshot(reference)
+    )
+    engine.dispose()
+
+
+def _without_processed_at(tables: dict) -> dict:
+    return {
+        name: [
+            {k: v for k, v in row.items() if k not in ("processed_at", "stream_seq")}
+            for row in rows
+        ]
+        for name, rows in tables.items()
+    }
 
 
 async def test_service_projects_the_bus_exactly_once(settings):

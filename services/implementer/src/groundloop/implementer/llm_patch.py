@@ -289,9 +289,7 @@ def implement(
         return (result if passed else None), [result]
     winner: SampleResult | None = None
     results: list[SampleResult] = []
-    with ThreadPoolExecutor(
-        max_workers=samples, thread_name_prefix="implementer-sample"
-    ) as pool:
+    with ThreadPoolExecutor(max_workers=samples, thread_name_prefix="implementer-sample") as pool:
         for future in as_completed([pool.submit(one, i) for i in range(samples)]):
             result = future.result()
             results.append(result)

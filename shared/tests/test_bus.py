@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from groundloop import events as ev
 from groundloop import telemetry
+from groundloop.broker import NatsServer, free_port
 from groundloop.bus import BrokerUnavailable, Bus
 from groundloop.consumer import Delivery, Reject, consume
 from groundloop.settings import Settings
@@ -290,3 +292,14 @@ async def test_artifacts_are_stored_once_replaced_cleanly_and_read_like_nats_py_
         assert await bus.get_artifact("empty") == b"back"
     finally:
         await bus.close()
+
+
+async def test_closing_while_the_broker_is_away_does_not_raise(tmp_path: Path):
+    """A role stopped while its broker is down (reconnecting) closes its connection quietly:
+    there is nothing to drain to."""
+    server = NatsServer(tmp_path / "nats", free_port()).start()
+    bus = await Bus.connect(Settings(nats_url=server.url, data_dir=tmp_path / "data"), "t")
+    server.stop()
+    await eventually(lambda: bus.nc.is_reconnecting, timeout=10, what="the bus reconnecting")
+    await bus.close()
+    assert bus.nc.is_closed

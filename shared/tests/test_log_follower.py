@@ -282,3 +282,29 @@ async def test_log_index_verdicts_are_those_of_the_log_before_each_entry(setting
     assert fold.fitting == fitting_events(log) and fold.index.exists("fv", NOW)
     await backwards.bus.close()
     await bus.close()
+
+
+async def test_a_follower_that_cannot_go_on_wakes_its_waiters_at_once(tmp_path: Path):
+    """The broker goes away while a caller waits: the follower, unable to open a new consumer,
+    stops and wakes the caller, who then reads directly instead of sleeping out stall_s."""
+    server = NatsServer(tmp_path / "nats", free_port()).start()
+    settings = Settings(nats_url=server.url, data_dir=tmp_path / "data")
+    bus = await Bus.connect(settings, "t")
+    try:
+        seqs = await publish_all(bus, one_search("fw", ideas=2)[:4])
+        elsewhere = (await publish_all(bus, one_search("fx", ideas=1)))[-1]
+        followers = LogFollowers(bus, Recorded, stall_s=300.0)
+        assert len((await followers.through("fw", seqs[-1])).entries) == 4
+        follower = followers._followers["fw"]
+
+        waiting = asyncio.create_task(followers.through("fw", elsewhere))  # no entry of fw there
+        await eventually(lambda: follower.waiters, timeout=5, what="the caller waiting")
+        server.stop()
+        await eventually(lambda: follower.task is None, timeout=60, what="the follower stopped")
+        assert not follower.waiters  # it woke its waiter, which now reads directly
+        await asyncio.get_running_loop().run_in_executor(None, server.start)
+        fold = await asyncio.wait_for(waiting, 30)  # not the 300 s of stall_s
+        assert fold.entries == await stored(bus, "fw")
+    finally:
+        await bus.close()  # also while the broker is away: closes without raising
+        server.stop()

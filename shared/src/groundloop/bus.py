@@ -27,7 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats
-from nats.errors import AuthorizationError, ConnectionClosedError, NoServersError
+from nats.errors import (
+    AuthorizationError,
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    NoServersError,
+)
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import (
     APIError,
@@ -222,8 +227,8 @@ class Bus(LogReading, ArtifactStore):
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
-            except (TimeoutError, ConnectionClosedError, NatsTimeout):
-                await self.nc.close()
+            except (TimeoutError, ConnectionClosedError, ConnectionReconnectingError, NatsTimeout):
+                await self.nc.close()  # the broker away: nothing left to drain to
 
     # ------------------------------------------------------------------ subjects
 

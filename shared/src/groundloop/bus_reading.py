@@ -297,7 +297,7 @@ class LogReading:
         role reading per event (the rl-trainer, the ideator) reached the cap."""
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-        if not self.nc.is_closed:
+        if self.nc.is_connected:  # else it expires unheard: no request to wait out unanswered
             with contextlib.suppress(Exception):
                 await self.js.delete_consumer(self.settings.stream, consumer)
 

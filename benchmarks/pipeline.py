@@ -9,9 +9,9 @@ embedded nats-server; the CLI's progress display polling the projection), on a c
         [--role-processes on|off|ROLE,ROLE...] [--schedule generational|steady]
 
 - proposer "llm": the ideator and the implementer call a scripted OpenAI-compatible model
-  served on this machine (tests/llm_server.py; answers are instant): the ideator gets
-  `ideas_per_call` distinct ideas per call, the implementer a unified diff that sets the
-  learning rate the idea names. "knobs": the offline knob proposer, no model.
+  (benchmarks/scripted_model.py) served on this machine (tests/llm_server.py; answers are
+  instant): the ideator gets `ideas_per_call` distinct ideas per call, the implementer a
+  unified diff that sets the learning rate the idea names. "knobs": the offline knob proposer, no model.
 - every candidate is one idea patched, pre-flighted and run to a result in the sandbox;
   `--eval-seconds` sets the run time (SLEEP_SECONDS in the copy's config.py; smoke runs
   skip the sleep, as in the real environment).
@@ -42,7 +42,6 @@ import asyncio
 import json
 import math
 import os
-import random
 import re
 import resource
 import shutil
@@ -55,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pydantic import SecretStr  # noqa: E402
 
+from benchmarks.scripted_model import ScriptedModel  # noqa: E402
 from groundloop import events as ev  # noqa: E402
 from groundloop.broker import EmbeddedBroker, free_port  # noqa: E402
 from groundloop.bus import Bus  # noqa: E402
@@ -64,30 +64,15 @@ from groundloop.cli.embedded_roles import (  # noqa: E402
     check_roles,
 )
 from groundloop.cli.search_job import default_deadline, run_search  # noqa: E402
-from groundloop.execution.applier import make_diff  # noqa: E402
 from groundloop.execution.environment import Environment  # noqa: E402
 from groundloop.execution.launcher import children_cpu_seconds  # noqa: E402
 from groundloop.llm.client import LLMSettings  # noqa: E402
 from groundloop.search_request import priced_models, search_started_event  # noqa: E402
 from groundloop.settings import Settings  # noqa: E402
-from tests.llm_server import FakeLLMServer, Reply, Request  # noqa: E402
+from tests.llm_server import FakeLLMServer  # noqa: E402
 from tests.paths import ENVIRONMENTS  # noqa: E402
 
 WINDOW = 200  # candidates in the first / last window
-# Words the scripted ideas are drawn from: realistic lengths and letters, so the ideator's
-# duplicate filter sees English-like text, yet any two ideas are far from near-duplicates.
-VOCABULARY = (
-    "learning rate schedule warmup cosine decay momentum width batch gradient clipping "
-    "weight noise layer norm residual stream attention head dropout label smoothing "
-    "optimizer step size curvature plateau loss landscape sharp minima generalisation "
-    "validation score stability early phase late phase anneal restart cyclical linear "
-    "exponential inverse square root lookahead averaging polyak ema shadow weights bias "
-    "correction adaptive moment second order preconditioner diagonal factored memory "
-    "budget throughput tokens data order curriculum easy hard examples mixing ratio "
-    "initialisation scale fan variance preserving orthogonal spectral radius depth "
-    "capacity bottleneck embedding tied untied vocabulary frequency regularisation decay "
-    "coupled decoupled sparse dense signal trade off measure compare baseline improve"
-).split()
 
 
 def copy_environment(root: Path, eval_seconds: float) -> Path:
@@ -100,43 +85,6 @@ def copy_environment(root: Path, eval_seconds: float) -> Path:
     )
     config.write_text(text)
     return envs
-
-
-class ScriptedModel:
-    """Instant answers for the ideator (distinct ideas naming a learning rate) and the
-    implementer (the unified diff that sets that learning rate)."""
-
-    def __init__(self, env: Environment, seed: int = 0):
-        self.rng = random.Random(seed)
-        self.config = env.editable_sources()["config.py"]
-        self.lock = __import__("threading").Lock()
-
-    def idea(self) -> str:
-        with self.lock:
-            rate = 10 ** self.rng.uniform(-4, -1)
-            words = " ".join(self.rng.choice(VOCABULARY) for _ in range(55))
-        return (
-            f"[Experiment] Try learning rate {rate:.6g} because {words}.\n"
-            f"[Code Changes] In config.py set LEARNING_RATE to lr:{rate:.6g} and keep the rest.\n"
-            "[End]"
-        )
-
-    def reply(self, request: Request) -> Reply:
-        text = request.all_text
-        if "You implement a research idea" in text:
-            found = re.search(r"lr:([0-9.e+-]+)", text)
-            rate = float(found.group(1)) if found else 1e-3
-            after = re.sub(
-                r"(?m)^LEARNING_RATE = [^#\n]*",
-                f"LEARNING_RATE = {rate!r}  ",
-                self.config,
-            )
-            diff = make_diff({"config.py": self.config}, {"config.py": after})
-            return Reply(text=f"```diff\n{diff}```", input_tokens=1500, output_tokens=120)
-        wanted = re.search(r"(?:Propose|Brainstorm) (\d+) ", request.last_user_text)
-        count = int(wanted.group(1)) if wanted else 10
-        body = "\n\n".join(self.idea() for _ in range(max(1, min(count, 10))))
-        return Reply(text=body, input_tokens=3000, output_tokens=150 * count)
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

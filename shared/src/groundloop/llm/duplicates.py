@@ -34,7 +34,8 @@ class DuplicateFilter:
     The verdicts (and their reasons) are the ones the pairwise comparison gives; only pairs
     that provably cannot meet the threshold are skipped. The word sets are bitsets over ids
     this filter hands out (two popcounts per earlier idea). Both passes still read every
-    earlier idea, ~2 us each.
+    earlier idea: ~3.7 us each for ideas of ~430 characters (3.7 ms per new idea at 1,000
+    ideas; the Python bounds and bit-parallel LCS this replaces took 13.9 ms).
     """
 
     def __init__(self, existing: Iterable[str] = (), threshold: float = 0.9):

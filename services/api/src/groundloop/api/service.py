@@ -7,9 +7,10 @@ overwritten by another's fold of an older read. Emits: nothing.
 Each event's projection change and its processed_events record commit together, so a
 redelivery after a crash between commit and ack changes nothing. Events delivered together
 (up to `CONCURRENCY` in hand) are folded in one transaction (`Batches`); when that fails,
-each is folded in its own, so a bad event fails alone and the others are not held back. An event that does not fit
-its search's log (groundloop.search_index) is refused (quarantined, dead-lettered), the
-same entries `replay rebuild` leaves out: the verdict depends only on the log before it.
+each is folded in its own, so a bad event fails alone and the others are not held back.
+An event that does not fit its search's log (groundloop.search_index) is refused
+(quarantined, dead-lettered), the same entries `replay rebuild` leaves out: the verdict
+depends only on the log before it.
 
 `PROJECTOR` declares the role for groundloop.skeleton; `await run(settings, stop)` serves it.
 Run alone:  python -m groundloop.api --no-http

@@ -117,7 +117,7 @@ class Rows:
     so after `prefetch` a whole batch is folded without one SELECT per event). The cache
     stays valid across flushes and commits for as long as nobody else writes the tables (a
     rebuild's scratch file; the live projector checks it per transaction, see
-    projector._LiveRows); otherwise make a new Rows per transaction."""
+    live_rows.LiveRows); otherwise make a new Rows per transaction."""
 
     def __init__(
         self, conn: Connection, *, lock: bool = False, empty: bool = False, known: int = 0

@@ -96,8 +96,11 @@ async def test_sigterm_hands_back_a_run_that_outlasts_the_grace(env_settings: Se
         run(env_settings, RunnerSettings(slots=1, runner_id="leaving", shutdown_grace_s=0.5), stop)
     )
     await publish_patch(bus, env, patch_event(env, "term", 0, sleep=4.0))
-    await publish_patch(bus, env, patch_event(env, "term", 1, sleep=0.0))
     await seen.wait(lambda c: c.of(ev.RunStarted))
+    # Only now the short one, which the runner may take ahead (prefetch) and must hand back
+    # unstarted: published together, under load it could get the slot first and finish.
+    await publish_patch(bus, env, patch_event(env, "term", 1, sleep=0.0))
+    await asyncio.sleep(0.3)
     stopped_at = time.monotonic()
     stop.set()  # what SIGTERM does in __main__
     await asyncio.wait_for(first, 20)

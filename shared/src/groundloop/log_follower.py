@@ -169,7 +169,7 @@ class LogFollowers(Generic[F]):
         if self._sweeper is not None:
             self._sweeper.cancel()
         for follower in list(self._followers.values()):
-            self._reject_waiters(follower, FollowerFailed("the log followers were closed"))
+            self._wake_waiters(follower, FollowerFailed("the log followers were closed"))
             await self._drop(follower)
 
     # ------------------------------------------------------------------ waiting
@@ -340,19 +340,18 @@ class LogFollowers(Generic[F]):
         """Called by the follower's own task, which then ends (closing its consumer)."""
         log.error("log follower of search %s failed: %r", follower.search_id, exc)
         follower.failed = exc
-        self._reject_waiters(follower, FollowerFailed(f"search {follower.search_id}: {exc!r}"))
+        self._wake_waiters(follower, FollowerFailed(f"search {follower.search_id}: {exc!r}"))
         if self._followers.get(follower.search_id) is follower:
             del self._followers[follower.search_id]
 
-    def _wake_waiters(self, follower: _Follower) -> None:
+    def _wake_waiters(self, follower: _Follower, exc: Exception | None = None) -> None:
+        """Every waiter returns now (then reads directly), or raises `exc`."""
         for _target, waiter in follower.waiters:
-            if not waiter.done():
+            if waiter.done():
+                continue
+            if exc is None:
                 waiter.set_result(None)
-        follower.waiters = []
-
-    def _reject_waiters(self, follower: _Follower, exc: Exception) -> None:
-        for _target, waiter in follower.waiters:
-            if not waiter.done():
+            else:
                 waiter.set_exception(exc)
         follower.waiters = []
 

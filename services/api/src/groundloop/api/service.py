@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -115,7 +114,10 @@ class Batches:
 class ProjectorDeps:
     engine: Engine
     log_index: LogIndex | None = None  # does an event fit its search's log?
-    batches: Batches | None = field(default=None, compare=False)  # None: one at a time
+    batches: Batches = field(init=False, compare=False, repr=False)  # what arrives together
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batches", Batches(self))
 
 
 async def on_event(event: Event, delivery: Delivery, deps: ProjectorDeps) -> list[Event]:
@@ -123,8 +125,6 @@ async def on_event(event: Event, delivery: Delivery, deps: ProjectorDeps) -> lis
     if deps.log_index is not None and seq is not None:
         if (why := await deps.log_index.refusal(event, seq)) is not None:
             raise Reject(f"not projected: {why}")
-    if deps.batches is None:
-        return await asyncio.to_thread(handle, event, deps, seq)
     await deps.batches.fold(event, seq)
     return []
 
@@ -137,8 +137,7 @@ async def projections(
     try:
         create_tables(engine)
         log.info("projector: folding into %s", engine.url.render_as_string())
-        deps = ProjectorDeps(engine, LogIndex(bus))
-        yield dataclasses.replace(deps, batches=Batches(deps))
+        yield ProjectorDeps(engine, LogIndex(bus))
     finally:
         engine.dispose()
 

@@ -311,6 +311,27 @@ def test_execute_with_a_separate_protected_evaluation(tmp_path):
     assert result.evaluate is not None and result.evaluate.returncode == 0
 
 
+def test_the_cache_dir_is_writable_on_a_first_run_without_prepare(tmp_path):
+    """A fresh data dir and an environment with no `prepare`: the run protocol still hands the
+    run a cache folder it can write (a missing one was silently left out of the sandbox)."""
+    files = {
+        "train.py": """
+            import json, os, pathlib
+            LR = 0.1
+            cached = pathlib.Path(os.environ["GROUNDLOOP_CACHE_DIR"]) / "corpus" / "data.txt"
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text("kept")
+            json.dump({"loss": 1.0}, open(os.environ["GROUNDLOOP_METRICS_OUT"], "w"))
+        """,
+        "evaluate.py": "",
+    }
+    env = Environment.load(make_env(tmp_path / "mini", MINIMAL, files))
+    assert not (tmp_path / "cache").exists()
+    _, result = run(env, tmp_path)
+    assert result.outcome.status == "succeeded", result.outcome.reason + result.train.output_tail
+    assert (tmp_path / "cache" / "corpus" / "data.txt").read_text() == "kept"
+
+
 def test_prepare_runs_once_per_digest_under_a_lock(tmp_path):
     manifest = MINIMAL.replace(
         'entrypoint = ["python", "train.py"]',

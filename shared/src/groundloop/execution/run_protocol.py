@@ -161,6 +161,8 @@ def execute(
         raise ValueError(f"run_dir {run_dir} must lie outside the workspace {workspace}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "home").mkdir(exist_ok=True)
+    # The sandbox binds only folders that exist: a first run without `prepare` gets its cache.
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     env.verify_source()
     env.prepare(cache_dir)
     limits = protocol_limits(env, limits)

@@ -9,6 +9,7 @@ re-evaluation runs are not search context. Prompts show the mean score and its r
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -49,6 +50,12 @@ class IdeaRecord:
         if self._standing[0] != results:
             self._standing = (results, ranking.standing(self.idea_id, self.results))
         return self._standing[1]
+
+    def copy(self) -> IdeaRecord:
+        """A record that takes later results apart from this one."""
+        twin = copy.copy(self)
+        twin.results, twin.failures = list(self.results), list(self.failures)
+        return twin
 
     @property
     def scores(self) -> list[float]:
@@ -93,6 +100,17 @@ class SearchHistory:
         for event in events:
             history.apply(event)
         return history
+
+    def copy(self) -> SearchHistory:
+        """A history that folds later events apart from this one."""
+        return SearchHistory(
+            self.search_id,
+            self.started,
+            {idea_id: record.copy() for idea_id, record in self.ideas.items()},
+            list(self.baseline_scores),
+            list(self.baseline_rewards),
+            dict(self._patch_to_idea),
+        )
 
     def apply(self, event: Event) -> None:
         if event.search_id != self.search_id:

@@ -45,27 +45,24 @@ from groundloop.consumer import Delivery, Reject, Retry
 from groundloop.events import (
     Event,
     GenerationAdvanced,
-    IdeaProposed,
     IdeasShortfall,
     ProposerInfo,
-    SearchCompleted,
     SearchStarted,
-    SearchStopped,
 )
 from groundloop.execution.environment import Environment
+from groundloop.ideator.emitter import OrderedEmitter
 from groundloop.ideator.endings import LLM_STOPS, search_stopped, shortfall_reason
+from groundloop.ideator.followed_log import FittingLog as FittingLog
+from groundloop.ideator.followed_log import known_at as known_at
 from groundloop.ideator.generation import PRODUCER as PRODUCER
 from groundloop.ideator.generation import Generated as Generated
 from groundloop.ideator.generation import IdeatorDeps as IdeatorDeps
 from groundloop.ideator.generation import SeenIdeas, idea_event, open_slots, plan_slots, stream
-from groundloop.ideator.history import SearchHistory
 from groundloop.ideator.knobs import KnobProposer
 from groundloop.ideator.llm_proposer import propose_llm
 from groundloop.ideator.llm_proposer import split_usage as split_usage
 from groundloop.llm.client import ClientCache, LLMError, LLMSettings
-from groundloop.llm.pricing import spent_usd
 from groundloop.log_follower import LogFollowers
-from groundloop.search_index import SearchFold, fitting_events
 from groundloop.settings import Settings
 from groundloop.skeleton import Role, run_role
 
@@ -191,18 +188,6 @@ def _propose_knobs(
 # ---------------------------------------------------------------------------- the service
 
 
-class FittingLog(SearchFold):
-    """A search's events that fit its log (`fitting_events`), with their stream sequences,
-    in log order: kept current by the process's follower of the search."""
-
-    def __init__(self, search_id: str):
-        super().__init__(search_id)
-        self.pairs: list[tuple[int, Event]] = []
-
-    def fit(self, seq: int, event: Event) -> None:
-        self.pairs.append((seq, event))
-
-
 class IdeatorContext:
     """What one ideator process keeps between events: the searches' logs, followed (each
     entry read once, not the whole log per generation), and the model clients."""
@@ -216,54 +201,36 @@ class IdeatorContext:
         return Environment.load(name, self.settings.environments_dir)
 
 
-def known_at(event: GenerationAdvanced, seq: int, pairs: list[tuple[int, Event]]) -> list[Event]:
-    """What the generation's ideas are written from: the log before the GenerationAdvanced
-    (at stream sequence `seq`), plus this generation's ideas an earlier delivery already
-    published. Results that arrived since change nothing, so a redelivery, or a replica that
-    takes over mid-generation, writes the remaining slots as the first delivery would have."""
-    if seq <= 0:  # not from a delivery (a direct call): the whole log
-        return fitting_events([e for _, e in pairs])
-    return fitting_events(
-        [
-            e
-            for at, e in pairs
-            if at < seq or (isinstance(e, IdeaProposed) and e.generation == event.generation)
-        ]
-    )
-
-
 async def on_generation(event: Event, delivery: Delivery, ctx: IdeatorContext) -> list[Event]:
     if not isinstance(event, GenerationAdvanced):
         return []
     # Only what fits the log: a forged result must not steer the search's ideas. The log as
-    # it is now; a copy, for the follower goes on folding while the ideas are written.
-    pairs = list((await ctx.logs.to_end(event.search_id)).pairs)
-    everything = [e for _, e in pairs]
-    ended = next((e for e in everything if isinstance(e, (SearchCompleted, SearchStopped))), None)
-    if ended is not None:  # a retried delivery of a search that is over: nothing to write
-        log.info("%s: search %s already ended (%s)", describe(event), event.search_id, ended.TYPE)
+    # it is now; the history is a copy, for the follower goes on folding while the ideas are
+    # written.
+    fold = await ctx.logs.to_end(event.search_id)
+    if fold.ended is not None:  # a retried delivery of a search that is over: nothing to write
+        log.info(
+            "%s: search %s already ended (%s)", describe(event), event.search_id, fold.ended.TYPE
+        )
         return []
-    logged = known_at(event, delivery.seq, pairs)
-    history = SearchHistory.from_events(event.search_id, logged)
-    ideas = [e for e in everything if isinstance(e, IdeaProposed)]  # spend: the latest
-    loop = asyncio.get_running_loop()
-
-    def emit(idea: IdeaProposed) -> None:  # from the handler's thread
-        asyncio.run_coroutine_threadsafe(ctx.bus.publish(idea), loop).result(timeout=120)
-
+    history = fold.history_at(event, delivery.seq)
+    emitter = OrderedEmitter(ctx.bus)
     deps = IdeatorDeps(
         history=history,
         environment=ctx.environment,
         llm=ctx.clients,
-        spent_usd=spent_usd(everything),
-        ideator_calls=sum(e.usage.calls for e in ideas),
-        ideator_usd=sum(e.usage.cost_usd for e in ideas),
-        emit=emit,
+        spent_usd=fold.spent_usd,  # spend: the latest
+        ideator_calls=fold.ideator_calls,
+        ideator_usd=fold.ideator_usd,
+        emit=emitter.submit,
         seen_ideas=ctx.seen_ideas,
     )
     try:
         async with delivery.heartbeat():
-            return await asyncio.to_thread(handle, event, deps)
+            try:
+                return await asyncio.to_thread(handle, event, deps)
+            finally:  # the ideas streamed so far precede the ones returned, or the error
+                await emitter.drain()
     except LLMError as exc:
         if exc.retryable:
             raise Retry(str(exc), delay=30.0) from None

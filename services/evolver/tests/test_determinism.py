@@ -8,12 +8,15 @@ import copy
 
 from groundloop.events import (
     Event,
+    GenerationAdvanced,
+    GenerationPlan,
     PatchReady,
     RunCompleted,
     RunStarted,
 )
 from groundloop.evolver.service import Deps, handle
 from groundloop.evolver.state import SearchState
+from tests import factories as f
 from tests.evolver_world import (
     SEARCH,
     ManualClock,
@@ -101,3 +104,53 @@ def test_idea_status_only_moves_forward() -> None:
         if idea_id in state.ideas:
             statuses.append(state.ideas[idea_id].status)
     assert list(dict.fromkeys(statuses)) == ["proposed", "patched", "done"]
+
+
+def test_what_an_idea_is_ranked_by_is_what_a_fresh_fold_of_the_log_gives() -> None:
+    """Scores and rewards are kept per idea between openings; after every event of a log
+    that adds runs to measured ideas, fails some, reports a run twice and starts one after it
+    ended, they are those of a fold of the log up to that event."""
+    started = f.search_started(SEARCH)
+    opened = started.derive(
+        GenerationAdvanced, "evolver", generation=0, plan=GenerationPlan(fresh=3)
+    )
+    ideas = [f.idea(opened, slot) for slot in range(3)]
+    log: list[Event] = [started, opened, *ideas]
+    for round_ in range(3):
+        for slot, idea in enumerate(ideas):
+            run_id = f"run-{slot}-{round_}"
+            status = "failed" if (slot + round_) % 3 == 2 else "succeeded"
+            score = None if status == "failed" else 0.1 * slot + round_
+            log.append(result(idea, run_id, status, score, "search"))
+        log.append(result(ideas[0], f"final-{round_}", "succeeded", 5.0 + round_, "reeval"))
+    first = next(e for e in log if isinstance(e, RunCompleted))
+    log += [
+        first.model_copy(update={"event_id": "again", "score": 99.0, "reward": 99.0}),
+        RunStarted(
+            search_id=SEARCH,
+            producer="runner",
+            run_id=first.run_id,
+            idea_id=first.idea_id,
+            runner_id="r",
+            host="h",
+            seed=0,
+        ),
+    ]
+    kept = SearchState(SEARCH)
+    for at, event in enumerate(log, 1):
+        kept.apply(event)
+        fresh = SearchState.fold(log[:at])
+        for idea in (i for i in ideas if i.idea_id in fresh.ideas):
+            for purpose in ("search", "reeval"):
+                args = (idea.idea_id, purpose)
+                assert kept.idea_scores(*args) == fresh.idea_scores(*args)
+                assert kept.idea_rewards(*args) == fresh.idea_rewards(*args)
+                assert kept.idea_reward(*args) == fresh.idea_reward(*args)
+        assert kept.ranked_ideas() == fresh.ranked_ideas()
+    assert kept.idea_scores(ideas[0].idea_id, "reeval") == [5.0, 6.0, 7.0]
+
+
+def result(idea, run_id: str, status: str, score: float | None, purpose: str) -> RunCompleted:
+    return f.run_result(
+        SEARCH, run_id, status=status, score=score, purpose=purpose, idea_id=idea.idea_id
+    )

@@ -59,6 +59,13 @@ class IdeaRecord:
     status: str = "proposed"
     patch: PatchRef | None = None
     run_ids: list[str] = field(default_factory=list)
+    # purpose -> (len(run_ids) when measured, its succeeded runs' scores, their rewards, the
+    # mean reward): every idea is ranked at every opening. Exact while len(run_ids) holds:
+    # run_ids only grows, and a run joins it when it completes, after which the fold never
+    # changes that run again.
+    measured: dict[str, tuple[int, list[float], list[float], float | None]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def terminal(self) -> bool:

@@ -230,14 +230,29 @@ class SearchState:
 
     def idea_scores(self, idea_id: str, purpose: str = "search") -> list[float]:
         """Metric values of the idea's succeeded runs of `purpose` (search or reeval)."""
-        return [run.score for run in self.idea_runs(idea_id, purpose) if run.succeeded]  # type: ignore[misc]
+        return list(self._measured(idea_id, purpose)[1])
 
     def idea_rewards(self, idea_id: str, purpose: str = "search") -> list[float]:
-        return [run.reward for run in self.idea_runs(idea_id, purpose) if run.succeeded]
+        return list(self._measured(idea_id, purpose)[2])
 
     def idea_reward(self, idea_id: str, purpose: str = "search") -> float | None:
-        rewards = self.idea_rewards(idea_id, purpose)
-        return mean(rewards) if rewards else None
+        return self._measured(idea_id, purpose)[3]
+
+    def _measured(
+        self, idea_id: str, purpose: str
+    ) -> tuple[int, list[float], list[float], float | None]:
+        idea = self.ideas[idea_id]
+        known = idea.measured.get(purpose)
+        if known is None or known[0] != len(idea.run_ids):
+            runs = [run for run in self.idea_runs(idea_id, purpose) if run.succeeded]
+            rewards = [run.reward for run in runs]
+            known = idea.measured[purpose] = (
+                len(idea.run_ids),
+                [run.score for run in runs],  # type: ignore[misc]
+                rewards,
+                mean(rewards) if rewards else None,
+            )
+        return known
 
     def baseline_runs(self, purpose: str = "baseline") -> list[RunRecord]:
         """Completed unpatched runs of `purpose` ("baseline", or "reeval" for a final split)."""

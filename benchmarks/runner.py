@@ -269,7 +269,7 @@ def sandbox_overhead(runs: int, burst: int, parent_mb: int) -> None:
             )
             assert result.returncode == 0, result.output_tail
 
-        for name, limits in variants.items():
+        for name, limits in variants.items() if runs else ():  # --sandbox-burst alone: none
             one(limits)  # the first run of a process pays for its probes
             times, cpus = [], []
             for _ in range(runs):
@@ -327,11 +327,12 @@ async def main(args: argparse.Namespace) -> None:
                 await dispatch_latency(base, env, args.latency_runs)
             if args.util_backlog:
                 await utilisation(base, env, args.util_backlog, args.util_slots, args.util_seconds)
-            if args.scale:
+            sizes = [int(x) for x in args.scale.split(",") if x.strip() and int(x) > 0]
+            if sizes:  # "--scale 0" or "" measures no scaling
                 await scaling(
                     base,
                     env,
-                    [int(x) for x in args.scale.split(",")],
+                    sizes,
                     args.scale_seconds,
                     args.scale_waves,
                     args.own_log_index,

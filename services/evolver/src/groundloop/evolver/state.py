@@ -246,9 +246,10 @@ class SearchState:
         if known is None or known[0] != len(idea.run_ids):
             runs = [run for run in self.idea_runs(idea_id, purpose) if run.succeeded]
             rewards = [run.reward for run in runs]
+            scores = [run.score for run in runs if run.score is not None]  # all: succeeded
             known = idea.measured[purpose] = (
                 len(idea.run_ids),
-                [run.score for run in runs],  # type: ignore[misc]
+                scores,
                 rewards,
                 mean(rewards) if rewards else None,
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from groundloop.events import GenerationPlan
 
@@ -48,6 +49,17 @@ class PatchRef:
     resource_class: str
 
 
+class Measured(NamedTuple):
+    """An idea's succeeded runs of one purpose, as of `run_count` entries in its run_ids.
+    Exact while that count holds: run_ids only grows, and a run joins it when it completes,
+    after which the fold never changes that run again."""
+
+    run_count: int
+    scores: list[float]
+    rewards: list[float]
+    mean_reward: float | None
+
+
 @dataclass
 class IdeaRecord:
     idea_id: str
@@ -59,13 +71,8 @@ class IdeaRecord:
     status: str = "proposed"
     patch: PatchRef | None = None
     run_ids: list[str] = field(default_factory=list)
-    # purpose -> (len(run_ids) when measured, its succeeded runs' scores, their rewards, the
-    # mean reward): every idea is ranked at every opening. Exact while len(run_ids) holds:
-    # run_ids only grows, and a run joins it when it completes, after which the fold never
-    # changes that run again.
-    measured: dict[str, tuple[int, list[float], list[float], float | None]] = field(
-        default_factory=dict, repr=False, compare=False
-    )
+    # purpose -> its measures, kept because every idea is ranked at every opening
+    measured: dict[str, Measured] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def terminal(self) -> bool:

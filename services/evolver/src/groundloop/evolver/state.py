@@ -43,6 +43,7 @@ from .records import TERMINAL_IDEA_STATUSES as TERMINAL_IDEA_STATUSES
 from .records import TERMINAL_RUN_STATUSES as TERMINAL_RUN_STATUSES
 from .records import GenerationRecord as GenerationRecord
 from .records import IdeaRecord as IdeaRecord
+from .records import Measured
 from .records import PatchRef as PatchRef
 from .records import RunRecord as RunRecord
 from .stats import mean
@@ -230,26 +231,23 @@ class SearchState:
 
     def idea_scores(self, idea_id: str, purpose: str = "search") -> list[float]:
         """Metric values of the idea's succeeded runs of `purpose` (search or reeval)."""
-        return list(self._measured(idea_id, purpose)[1])
+        return list(self._measured(idea_id, purpose).scores)
 
     def idea_rewards(self, idea_id: str, purpose: str = "search") -> list[float]:
-        return list(self._measured(idea_id, purpose)[2])
+        return list(self._measured(idea_id, purpose).rewards)
 
     def idea_reward(self, idea_id: str, purpose: str = "search") -> float | None:
-        return self._measured(idea_id, purpose)[3]
+        return self._measured(idea_id, purpose).mean_reward
 
-    def _measured(
-        self, idea_id: str, purpose: str
-    ) -> tuple[int, list[float], list[float], float | None]:
+    def _measured(self, idea_id: str, purpose: str) -> Measured:
         idea = self.ideas[idea_id]
         known = idea.measured.get(purpose)
-        if known is None or known[0] != len(idea.run_ids):
+        if known is None or known.run_count != len(idea.run_ids):
             runs = [run for run in self.idea_runs(idea_id, purpose) if run.succeeded]
             rewards = [run.reward for run in runs]
-            scores = [run.score for run in runs if run.score is not None]  # all: succeeded
-            known = idea.measured[purpose] = (
+            known = idea.measured[purpose] = Measured(
                 len(idea.run_ids),
-                scores,
+                [run.score for run in runs if run.score is not None],  # all: succeeded
                 rewards,
                 mean(rewards) if rewards else None,
             )
